@@ -1,0 +1,257 @@
+"""Triton paged decode attention: one new query token per sequence over its paged KV cache.
+
+Flash-decoding layout. Grid (num_seqs, num_kv_heads, num_partitions): each program owns one
+KV head of one sequence and one slice (partition) of its context, and handles every query
+head of that KV head's GQA group at once, so each K/V tile is read from HBM exactly once.
+With more than one partition, a second kernel merges the partial (max, sum, out) triples.
+
+Cache layout (see runtime_lib/layers/attention.py):
+    kv_layer: (2, num_blocks, block_size, num_kv_heads, head_size)
+Context position p of sequence b is slot `p % block_size` of block `block_tables[b, p // block_size]`.
+
+No host<->device syncs: the partition count comes from the host int `max_context_len` (under
+CUDA graphs, pass the capture-time bound, e.g. the engine's max sequence length; programs
+past a sequence's own length exit at once).
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@functools.lru_cache(maxsize=None)
+def num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def device_parallelism(device: torch.device) -> int:
+    """Number of programs the device runs at once, roughly; a small constant off-GPU."""
+    if device.type == "cuda":
+        return num_sms(device.index if device.index is not None else torch.cuda.current_device())
+    return 4  # TRITON_INTERPRET on CPU: keep grids small, the interpreter runs programs serially
+
+
+def check_paged_inputs(q: torch.Tensor, kv_layer: torch.Tensor, block_tables: torch.Tensor,
+                       context_lens: torch.Tensor) -> None:
+    """Shape/dtype checks shared by the decode and varlen entry points (host-only, no sync)."""
+    if kv_layer.dim() != 5 or kv_layer.shape[0] != 2:
+        raise ValueError(f"kv_layer must be (2, num_blocks, block_size, num_kv_heads, head_size), "
+                         f"got shape {tuple(kv_layer.shape)}")
+    _, _, block_size, num_kv_heads, head_size = kv_layer.shape
+    if q.dim() != 3 or q.shape[2] != head_size:
+        raise ValueError(f"q must be (tokens, num_heads, head_size={head_size}), got shape {tuple(q.shape)}")
+    if q.shape[1] % num_kv_heads != 0:
+        raise ValueError(f"num_heads={q.shape[1]} must be a multiple of num_kv_heads={num_kv_heads}")
+    if q.dtype not in SUPPORTED_DTYPES or kv_layer.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"q/kv dtype must be one of {SUPPORTED_DTYPES}, got {q.dtype}/{kv_layer.dtype}")
+    if block_size & (block_size - 1):
+        raise ValueError(f"block_size must be a power of two, got {block_size}")
+    if q.stride(2) != 1 or kv_layer.stride(4) != 1:
+        raise ValueError("q and kv_layer must be contiguous in head_size (last dim stride 1)")
+    if block_tables.dtype != torch.int32 or context_lens.dtype != torch.int32:
+        raise ValueError(f"block_tables/context_lens must be int32, got {block_tables.dtype}/{context_lens.dtype}")
+    if block_tables.dim() != 2 or context_lens.dim() != 1 or block_tables.shape[0] != context_lens.shape[0]:
+        raise ValueError(f"block_tables must be (B, max_blocks) and context_lens (B,), got "
+                         f"{tuple(block_tables.shape)} and {tuple(context_lens.shape)}")
+
+
+@triton.jit
+def _decode_partition_kernel(
+    out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr,
+    q_ptr, k_ptr, v_ptr, block_tables_ptr, context_lens_ptr,
+    scale_log2, window,
+    stride_qb, stride_qh,
+    stride_kblk, stride_kslot, stride_khead,
+    stride_bt,
+    stride_ob, stride_oh,
+    num_heads, num_partitions,
+    GROUP: tl.constexpr, BLOCK_G: tl.constexpr,
+    HEAD_SIZE: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, PARTITION_SIZE: tl.constexpr,
+    USE_PARTITIONS: tl.constexpr, HAS_WINDOW: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    part = tl.program_id(2)
+
+    ctx = tl.load(context_lens_ptr + seq)
+    part_start = part * PARTITION_SIZE
+    if USE_PARTITIONS and part_start >= ctx:
+        return  # past this sequence's end; the reduction reads only its own partitions
+    lo = part_start
+    if HAS_WINDOW:
+        lo = tl.maximum(lo, ctx - window)  # the token sees positions (ctx-1-window, ctx-1]
+    hi = tl.minimum(part_start + PARTITION_SIZE, ctx)
+
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_d = tl.arange(0, BLOCK_D)
+    g_mask = offs_g < GROUP
+    d_mask = offs_d < HEAD_SIZE
+    heads = kv_head * GROUP + offs_g                                            # (BLOCK_G,)
+    q = tl.load(q_ptr + seq * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
+                mask=g_mask[:, None] & d_mask[None, :], other=0.0)             # (BLOCK_G, BLOCK_D)
+
+    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    kv_base = kv_head * stride_khead
+    for tile in range(lo, hi, BLOCK_N):
+        pos = tile + tl.arange(0, BLOCK_N)                                      # (BLOCK_N,)
+        valid = pos < hi
+        blk = tl.load(block_tables_ptr + seq * stride_bt + pos // BLOCK_SIZE, mask=valid, other=0)
+        offs_kv = kv_base + blk.to(tl.int64) * stride_kblk + (pos % BLOCK_SIZE) * stride_kslot
+        kv_mask = valid[:, None] & d_mask[None, :]
+        k = tl.load(k_ptr + offs_kv[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)  # (BLOCK_N, BLOCK_D)
+        v = tl.load(v_ptr + offs_kv[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=INPUT_PRECISION) * scale_log2  # (BLOCK_G, BLOCK_N)
+        s = tl.where(valid[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=INPUT_PRECISION)
+        m_i = m_new
+
+    if USE_PARTITIONS:
+        # Partials: (B, H, P) for m/l and (B, H, P, BLOCK_D) for the unnormalized output.
+        row = (seq * num_heads + heads) * num_partitions + part   # (BLOCK_G,)
+        tl.store(part_m_ptr + row, m_i, mask=g_mask)
+        tl.store(part_l_ptr + row, l_i, mask=g_mask)
+        tl.store(part_acc_ptr + row[:, None] * BLOCK_D + offs_d[None, :], acc, mask=g_mask[:, None])
+    else:
+        # l_i >= 1 whenever ctx > 0 (the max term is exp2(0)); ctx == 0 (padded slot) gives 0.
+        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        tl.store(out_ptr + seq * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=g_mask[:, None] & d_mask[None, :])
+
+
+@triton.jit
+def _decode_reduce_kernel(
+    out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr, context_lens_ptr,
+    stride_ob, stride_oh,
+    num_heads, num_partitions,
+    HEAD_SIZE: tl.constexpr, BLOCK_D: tl.constexpr,
+    PARTITION_SIZE: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    head = tl.program_id(1)
+    ctx = tl.load(context_lens_ptr + seq)
+    num_parts = tl.cdiv(ctx, PARTITION_SIZE)  # only these were written for this sequence
+    offs_d = tl.arange(0, BLOCK_D)
+    base = (seq * num_heads + head) * num_partitions
+
+    m_run = tl.full([1], float("-inf"), tl.float32)
+    l_run = tl.zeros([1], tl.float32)
+    acc = tl.zeros([BLOCK_D], tl.float32)
+    for chunk in range(0, num_parts, BLOCK_P):
+        offs_p = chunk + tl.arange(0, BLOCK_P)
+        p_mask = offs_p < num_parts
+        m_p = tl.load(part_m_ptr + base + offs_p, mask=p_mask, other=float("-inf"))   # (BLOCK_P,)
+        l_p = tl.load(part_l_ptr + base + offs_p, mask=p_mask, other=0.0)
+        a_p = tl.load(part_acc_ptr + (base + offs_p)[:, None] * BLOCK_D + offs_d[None, :],
+                      mask=p_mask[:, None], other=0.0)                                 # (BLOCK_P, BLOCK_D)
+        m_new = tl.maximum(m_run, tl.max(m_p, 0))
+        # Partitions emptied by a sliding window carry m = -inf; keep exp2 away from -inf - -inf.
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_run - m_safe)
+        w = tl.exp2(m_p - m_safe)                                                       # (BLOCK_P,)
+        l_run = l_run * alpha + tl.sum(l_p * w, 0)
+        acc = acc * alpha + tl.sum(a_p * w[:, None], 0)
+        m_run = m_new
+    out = acc / tl.where(l_run > 0, l_run, 1.0)
+    tl.store(out_ptr + seq * stride_ob + head * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty),
+             mask=offs_d < HEAD_SIZE)
+
+
+def choose_partition_size(num_seqs: int, num_kv_heads: int, max_context_len: int, parallelism: int,
+                          block_n: int, max_partition_size: int = 1024) -> int:
+    """Largest power-of-two partition (>= block_n) that still gives ~2 programs per SM.
+
+    Few, long sequences split into many partitions (fill the GPU); large batches keep long
+    partitions (fewer partials to merge). The partial write is ~1/(partition/4) of the KV read."""
+    size = max_partition_size
+    min_size = max(block_n, 128)
+    while size > min_size and num_seqs * num_kv_heads * triton.cdiv(max_context_len, size) < 2 * parallelism:
+        size //= 2
+    return max(size, block_n)
+
+
+def paged_decode_attention(q: torch.Tensor, kv_layer: torch.Tensor, block_tables: torch.Tensor,
+                           context_lens: torch.Tensor, scale: float, sliding_window: int | None = None,
+                           max_context_len: int | None = None, *, partition_size: int | None = None,
+                           out: torch.Tensor | None = None) -> torch.Tensor:
+    """Attention of one new token per sequence over its paged context (which already holds it).
+
+    q: (B, h, d); kv_layer: (2, num_blocks, block_size, kvh, d); block_tables: (B, max_blocks)
+    int32; context_lens: (B,) int32, may be 0 for padded batch slots (their output is 0).
+    max_context_len: host upper bound on context_lens (defaults to max_blocks * block_size,
+    which needs no sync). partition_size: force the split-K slice length (tests); a power of
+    two >= 16. Returns (B, h, d) in q's dtype, accumulated in fp32.
+    """
+    check_paged_inputs(q, kv_layer, block_tables, context_lens)
+    num_seqs, num_heads, head_size = q.shape
+    _, _, block_size, num_kv_heads, _ = kv_layer.shape
+    group = num_heads // num_kv_heads
+    if max_context_len is None:
+        max_context_len = block_tables.shape[1] * block_size
+    if out is None:
+        out = torch.empty_like(q)
+    if num_seqs == 0 or max_context_len <= 0:
+        return out.zero_()
+    if sliding_window is not None and sliding_window <= 0:
+        raise ValueError(f"sliding_window must be a positive int or None, got {sliding_window}")
+
+    # One K/V tile = several cache blocks when blocks are small: fewer, larger loads per iteration.
+    block_n = max(block_size, 64 if head_size <= 128 else 32)
+    if partition_size is None:
+        partition_size = choose_partition_size(num_seqs, num_kv_heads, max_context_len,
+                                               device_parallelism(q.device), block_n)
+    elif partition_size < 16 or partition_size & (partition_size - 1):
+        raise ValueError(f"partition_size must be a power of two >= 16, got {partition_size}")
+    block_n = min(block_n, partition_size)
+    num_partitions = triton.cdiv(max_context_len, partition_size)
+    use_partitions = num_partitions > 1
+    block_d = triton.next_power_of_2(head_size)
+
+    if use_partitions:
+        part_acc = torch.empty((num_seqs, num_heads, num_partitions, block_d), dtype=torch.float32, device=q.device)
+        part_m = torch.empty((num_seqs, num_heads, num_partitions), dtype=torch.float32, device=q.device)
+        part_l = torch.empty_like(part_m)
+    else:
+        part_acc = part_m = part_l = out  # unused by the kernel in this mode
+    k_cache, v_cache = kv_layer[0], kv_layer[1]
+    fp32 = q.dtype == torch.float32
+
+    _decode_partition_kernel[(num_seqs, num_kv_heads, num_partitions)](
+        out, part_acc, part_m, part_l,
+        q, k_cache, v_cache, block_tables, context_lens,
+        scale * LOG2E, sliding_window or 0,
+        q.stride(0), q.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        block_tables.stride(0),
+        out.stride(0), out.stride(1),
+        num_heads, num_partitions,
+        GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)),
+        HEAD_SIZE=head_size, BLOCK_D=block_d,
+        BLOCK_SIZE=block_size, BLOCK_N=block_n, PARTITION_SIZE=partition_size,
+        USE_PARTITIONS=use_partitions, HAS_WINDOW=sliding_window is not None,
+        INPUT_PRECISION="ieee" if fp32 else "tf32",
+        num_warps=4, num_stages=2,
+    )
+    if use_partitions:
+        _decode_reduce_kernel[(num_seqs, num_heads)](
+            out, part_acc, part_m, part_l, context_lens,
+            out.stride(0), out.stride(1),
+            num_heads, num_partitions,
+            HEAD_SIZE=head_size, BLOCK_D=block_d,
+            PARTITION_SIZE=partition_size, BLOCK_P=min(16, triton.next_power_of_2(num_partitions)),
+            num_warps=4,
+        )
+    return out
