@@ -62,6 +62,22 @@ def check_paged_inputs(q: torch.Tensor, kv_layer: torch.Tensor, block_tables: to
                          f"{tuple(block_tables.shape)} and {tuple(context_lens.shape)}")
 
 
+def interpreter_dot_upcast(dtype: torch.dtype) -> bool:
+    """Triton 3.6's interpreter multiplies bf16 tl.dot operands as raw integers (garbage);
+    under TRITON_INTERPRET the kernels upcast bf16 operands to fp32 after the same rounding."""
+    return dtype == torch.bfloat16 and bool(triton.knobs.runtime.interpret)
+
+
+@triton.jit
+def mma(a, b, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """tl.dot with fp32 accumulation; UPCAST only for the CPU interpreter (see above)."""
+    if UPCAST:
+        c = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        c = tl.dot(a, b, input_precision=INPUT_PRECISION)
+    return c
+
+
 @triton.jit
 def _decode_partition_kernel(
     out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr,
@@ -76,6 +92,7 @@ def _decode_partition_kernel(
     HEAD_SIZE: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, PARTITION_SIZE: tl.constexpr,
     USE_PARTITIONS: tl.constexpr, HAS_WINDOW: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    DOT_UPCAST: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -110,13 +127,13 @@ def _decode_partition_kernel(
         kv_mask = valid[:, None] & d_mask[None, :]
         k = tl.load(k_ptr + offs_kv[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)  # (BLOCK_N, BLOCK_D)
         v = tl.load(v_ptr + offs_kv[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=INPUT_PRECISION) * scale_log2  # (BLOCK_G, BLOCK_N)
+        s = mma(q, tl.trans(k.to(q.dtype)), INPUT_PRECISION, DOT_UPCAST) * scale_log2  # (BLOCK_G, BLOCK_N)
         s = tl.where(valid[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=INPUT_PRECISION)
+        acc = acc * alpha[:, None] + mma(p.to(q.dtype), v.to(q.dtype), INPUT_PRECISION, DOT_UPCAST)
         m_i = m_new
 
     if USE_PARTITIONS:
@@ -242,7 +259,7 @@ def paged_decode_attention(q: torch.Tensor, kv_layer: torch.Tensor, block_tables
         HEAD_SIZE=head_size, BLOCK_D=block_d,
         BLOCK_SIZE=block_size, BLOCK_N=block_n, PARTITION_SIZE=partition_size,
         USE_PARTITIONS=use_partitions, HAS_WINDOW=sliding_window is not None,
-        INPUT_PRECISION="ieee" if fp32 else "tf32",
+        INPUT_PRECISION="ieee" if fp32 else "tf32", DOT_UPCAST=interpreter_dot_upcast(q.dtype),
         num_warps=4, num_stages=2,
     )
     if use_partitions:

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from runtime_lib.kernels.paged_attention import LOG2E, check_paged_inputs
+from runtime_lib.kernels.paged_attention import LOG2E, check_paged_inputs, interpreter_dot_upcast, mma
 
 
 @triton.jit
@@ -48,7 +48,7 @@ def _varlen_kernel(
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr,
     HEAD_SIZE: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_WINDOW: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, INPUT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
 ):
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -89,7 +89,7 @@ def _varlen_kernel(
         kv_mask = in_range[:, None] & d_mask[None, :]
         k = tl.load(k_ptr + offs_kv[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)  # (BLOCK_N, BLOCK_D)
         v = tl.load(v_ptr + offs_kv[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=INPUT_PRECISION) * scale_log2  # (BLOCK_M, BLOCK_N)
+        s = mma(q, tl.trans(k.to(q.dtype)), INPUT_PRECISION, DOT_UPCAST) * scale_log2  # (BLOCK_M, BLOCK_N)
         allowed = in_range[None, :] & (pos[None, :] <= q_abs[:, None])
         if HAS_WINDOW:
             allowed &= pos[None, :] > q_abs[:, None] - window
@@ -100,7 +100,7 @@ def _varlen_kernel(
         alpha = tl.exp2(m_i - m_safe)
         p = tl.exp2(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=INPUT_PRECISION)
+        acc = acc * alpha[:, None] + mma(p.to(q.dtype), v.to(q.dtype), INPUT_PRECISION, DOT_UPCAST)
         m_i = m_new
 
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
@@ -153,6 +153,6 @@ def paged_varlen_attention(q: torch.Tensor, kv_layer: torch.Tensor, block_tables
         HEAD_SIZE=head_size, BLOCK_D=triton.next_power_of_2(head_size),
         BLOCK_SIZE=block_size, BLOCK_N=block_n,
         HAS_WINDOW=sliding_window is not None, INPUT_PRECISION="ieee" if fp32 else "tf32",
-        num_warps=8 if block_m >= 128 else 4, num_stages=2,
+        DOT_UPCAST=interpreter_dot_upcast(q.dtype), num_warps=8 if block_m >= 128 else 4, num_stages=2,
     )
     return out

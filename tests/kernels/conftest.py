@@ -1,0 +1,32 @@
+"""Run the Triton kernels on CPU through Triton's interpreter (TRITON_INTERPRET=1).
+
+`triton.jit` picks interpreter or compiler when a kernel is *decorated*, i.e. when the kernel
+module is imported, so the variable is set here, before any test module imports them; the
+`kernels` fixture reloads them if something imported them earlier without it."""
+from __future__ import annotations
+
+import importlib
+import os
+import types
+
+os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+
+triton = pytest.importorskip("triton")
+
+
+@pytest.fixture(scope="session")
+def kernels() -> types.SimpleNamespace:
+    from triton.runtime.interpreter import InterpretedFunction
+
+    from runtime_lib.kernels import paged_attention, varlen_attention
+
+    if not isinstance(paged_attention._decode_partition_kernel, InterpretedFunction):
+        paged_attention = importlib.reload(paged_attention)
+        varlen_attention = importlib.reload(varlen_attention)
+    assert isinstance(paged_attention._decode_partition_kernel, InterpretedFunction)
+    assert isinstance(varlen_attention._varlen_kernel, InterpretedFunction)
+    return types.SimpleNamespace(decode=paged_attention.paged_decode_attention,
+                                 varlen=varlen_attention.paged_varlen_attention,
+                                 choose_partition_size=paged_attention.choose_partition_size)
