@@ -16,7 +16,7 @@ past a sequence's own length exit at once).
 from __future__ import annotations
 
 import functools
-import math
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -187,12 +187,25 @@ def _decode_reduce_kernel(
              mask=offs_d < HEAD_SIZE)
 
 
+@dataclass(frozen=True)
+class DecodeTuning:
+    """Launch knobs of the decode kernel; the defaults are what the GPU benchmark picked."""
+    block_n: int | None = None          # K/V tokens per inner-loop tile; None: max(block_size, 64)
+    max_partition_size: int = 1024      # split-K slice upper bound (tokens)
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+DEFAULT_DECODE_TUNING = DecodeTuning()
+
+
 def choose_partition_size(num_seqs: int, num_kv_heads: int, max_context_len: int, parallelism: int,
                           block_n: int, max_partition_size: int = 1024) -> int:
     """Largest power-of-two partition (>= block_n) that still gives ~2 programs per SM.
 
     Few, long sequences split into many partitions (fill the GPU); large batches keep long
-    partitions (fewer partials to merge). The partial write is ~1/(partition/4) of the KV read."""
+    partitions (fewer partials to merge: each costs head_size + 2 floats per query head, against
+    2 * partition * head_size cache elements per KV head read to produce it)."""
     size = max_partition_size
     min_size = max(block_n, 128)
     while size > min_size and num_seqs * num_kv_heads * triton.cdiv(max_context_len, size) < 2 * parallelism:
@@ -203,7 +216,8 @@ def choose_partition_size(num_seqs: int, num_kv_heads: int, max_context_len: int
 def paged_decode_attention(q: torch.Tensor, kv_layer: torch.Tensor, block_tables: torch.Tensor,
                            context_lens: torch.Tensor, scale: float, sliding_window: int | None = None,
                            max_context_len: int | None = None, *, partition_size: int | None = None,
-                           out: torch.Tensor | None = None) -> torch.Tensor:
+                           out: torch.Tensor | None = None,
+                           tuning: DecodeTuning = DEFAULT_DECODE_TUNING) -> torch.Tensor:
     """Attention of one new token per sequence over its paged context (which already holds it).
 
     q: (B, h, d); kv_layer: (2, num_blocks, block_size, kvh, d); block_tables: (B, max_blocks)
@@ -226,10 +240,11 @@ def paged_decode_attention(q: torch.Tensor, kv_layer: torch.Tensor, block_tables
         raise ValueError(f"sliding_window must be a positive int or None, got {sliding_window}")
 
     # One K/V tile = several cache blocks when blocks are small: fewer, larger loads per iteration.
-    block_n = max(block_size, 64 if head_size <= 128 else 32)
+    block_n = tuning.block_n or max(block_size, 64 if head_size <= 128 else 32)
     if partition_size is None:
         partition_size = choose_partition_size(num_seqs, num_kv_heads, max_context_len,
-                                               device_parallelism(q.device), block_n)
+                                               device_parallelism(q.device), block_n,
+                                               tuning.max_partition_size)
     elif partition_size < 16 or partition_size & (partition_size - 1):
         raise ValueError(f"partition_size must be a power of two >= 16, got {partition_size}")
     block_n = min(block_n, partition_size)
@@ -260,7 +275,7 @@ def paged_decode_attention(q: torch.Tensor, kv_layer: torch.Tensor, block_tables
         BLOCK_SIZE=block_size, BLOCK_N=block_n, PARTITION_SIZE=partition_size,
         USE_PARTITIONS=use_partitions, HAS_WINDOW=sliding_window is not None,
         INPUT_PRECISION="ieee" if fp32 else "tf32", DOT_UPCAST=interpreter_dot_upcast(q.dtype),
-        num_warps=4, num_stages=2,
+        num_warps=tuning.num_warps, num_stages=tuning.num_stages,
     )
     if use_partitions:
         _decode_reduce_kernel[(num_seqs, num_heads)](

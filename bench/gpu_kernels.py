@@ -1,0 +1,423 @@
+"""GPU check and benchmark of the Triton paged-attention kernels against the torch paths.
+
+One command, from the repository root, on a CUDA machine:
+
+    python3 bench/gpu_kernels.py            # correctness + decode/prefill timings (~2-3 min)
+    python3 bench/gpu_kernels.py --sweep    # + decode launch-parameter sweep
+    python3 bench/gpu_kernels.py --quick    # fewer shapes (smoke run)
+
+Shapes are Llama-3.1-8B attention (32 query heads, 8 KV heads, head 128, bf16). Decode compares
+the Triton split-K kernel, the torch reference (gather the paged cache + SDPA) and SDPA over a
+contiguous (B, kvh, ctx, d) cache, prints achieved GB/s of K/V read against the measured
+device-to-device copy bandwidth. Prefill compares the Triton varlen kernel with the same two.
+Without CUDA it prints why and exits 0. Results (JSON + Markdown) go to $OUT when set, else
+bench/results/. Exit status 1 when a correctness check fails.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+
+from runtime_lib.layers.attention import AttentionMetadata, paged_attention_torch  # noqa: E402
+
+NUM_HEADS, NUM_KV_HEADS, HEAD_SIZE = 32, 8, 128  # Llama-3.1-8B
+TOL = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 2e-2}
+
+
+@dataclass
+class Check:
+    name: str
+    max_abs_err: float
+    tol: float
+    passed: bool
+
+
+@dataclass
+class DecodeRow:
+    batch: int
+    context: int
+    partition_size: int
+    triton_us: float
+    triton_graph_us: float
+    torch_paged_us: float
+    sdpa_contiguous_us: float
+    kv_mbytes: float
+    triton_gbps: float
+    triton_graph_gbps: float
+    pct_of_copy_bw: float
+    max_abs_err_vs_torch: float
+
+
+@dataclass
+class PrefillRow:
+    case: str
+    tokens: int
+    triton_us: float
+    torch_paged_us: float
+    sdpa_contiguous_us: float | None
+    triton_tflops: float
+    max_abs_err_vs_torch: float
+
+
+@dataclass
+class Report:
+    device: str
+    torch: str
+    triton: str
+    python: str
+    date: str
+    copy_gbps: float
+    checks: list[Check] = field(default_factory=list)
+    decode: list[DecodeRow] = field(default_factory=list)
+    prefill: list[PrefillRow] = field(default_factory=list)
+    sweep: list[dict] = field(default_factory=list)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def bench_us(fn, warmup_ms: int = 25, rep_ms: int = 100) -> float:
+    """Median GPU time of fn in µs (triton.testing.do_bench: CUDA events, L2 flushed per call)."""
+    import triton.testing
+    return triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median") * 1e3
+
+
+def graph_us(fn) -> float:
+    """GPU time of fn replayed from a CUDA graph (what the engine's captured decode step pays)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return bench_us(graph.replay)
+
+
+def copy_bandwidth_gbps() -> float:
+    """Device-to-device copy bandwidth (read + write bytes / time), the practical HBM roofline."""
+    n = 1 << 30
+    src = torch.empty(n, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    us = bench_us(lambda: dst.copy_(src))
+    del src, dst
+    return 2 * n / us / 1e3
+
+
+@dataclass
+class PagedBatch:
+    q: torch.Tensor          # (T, h, d)
+    kv: torch.Tensor         # (2, num_blocks, block_size, kvh, d)
+    meta: AttentionMetadata
+    scale: float
+
+
+def make_paged_batch(query_lens: list[int], context_lens: list[int], *, block_size: int = 16,
+                     dtype: torch.dtype = torch.bfloat16, num_heads: int = NUM_HEADS,
+                     num_kv_heads: int = NUM_KV_HEADS, head_size: int = HEAD_SIZE, seed: int = 0) -> PagedBatch:
+    """A randomly filled cache whose blocks are handed out in shuffled order (fragmented pool)."""
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    blocks_per_seq = [-(-c // block_size) for c in context_lens]
+    num_blocks = sum(blocks_per_seq) + 1
+    order = torch.randperm(num_blocks, device="cuda", generator=gen).tolist()
+    tables, used = [], 0
+    for n in blocks_per_seq:
+        tables.append(order[used:used + n])
+        used += n
+    kv = torch.randn(2, num_blocks, block_size, num_kv_heads, head_size, device="cuda", dtype=dtype, generator=gen)
+    meta = AttentionMetadata.build(query_lens, context_lens, tables, block_size, device="cuda")
+    q = torch.randn(sum(query_lens), num_heads, head_size, device="cuda", dtype=dtype, generator=gen)
+    return PagedBatch(q, kv, meta, head_size ** -0.5)
+
+
+def contiguous_kv(batch: PagedBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same contexts as a dense (B, kvh, max_ctx, d) cache (all contexts equal length here)."""
+    m = batch.meta
+    _, num_blocks, block_size, kvh, d = batch.kv.shape
+    pos = torch.arange(m.max_context_len, device="cuda")
+    slots = m.block_tables.long().gather(1, (pos // block_size).expand(m.block_tables.shape[0], -1)) * block_size \
+        + pos % block_size                                                   # (B, ctx)
+    flat = batch.kv.view(2, num_blocks * block_size, kvh, d)
+    return flat[0][slots].transpose(1, 2).contiguous(), flat[1][slots].transpose(1, 2).contiguous()
+
+
+def reference(batch: PagedBatch, sliding_window: int | None = None) -> torch.Tensor:
+    return paged_attention_torch(batch.q.float(), batch.kv.float(), batch.meta, batch.scale, sliding_window)
+
+
+# ----------------------------------------------------------------------------- correctness
+
+def run_checks(report: Report) -> None:
+    from runtime_lib.kernels.paged_attention import paged_decode_attention
+    from runtime_lib.kernels.varlen_attention import paged_varlen_attention
+
+    def record(name: str, out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> None:
+        finite = bool(torch.isfinite(out).all())
+        err = (out.float() - ref).abs().max().item() if finite else float("inf")
+        report.checks.append(Check(name, err, TOL[dtype], finite and err <= TOL[dtype]))
+        print(f"  {'ok  ' if report.checks[-1].passed else 'FAIL'} {name}: max abs err {err:.2e} (tol {TOL[dtype]:.0e})")
+
+    def decode(b: PagedBatch, window=None, **kw):
+        m = b.meta
+        return paged_decode_attention(b.q, b.kv, m.block_tables, m.context_lens, b.scale, window,
+                                      m.max_context_len, **kw)
+
+    def varlen(b: PagedBatch, window=None):
+        m = b.meta
+        return paged_varlen_attention(b.q, b.kv, m.block_tables, m.context_lens, m.cu_query_lens,
+                                      m.max_query_len, b.scale, window)
+
+    gen = torch.Generator().manual_seed(1)
+    ragged = torch.randint(1, 4097, (32,), generator=gen).tolist()
+    print("correctness vs paged_attention_torch (fp32 reference):")
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        b = make_paged_batch([1] * 32, ragged, dtype=dtype)
+        ref = reference(b)
+        record(f"decode 8B {str(dtype)[6:]} B=32 ragged ctx<=4096 bs16 auto-split", decode(b), ref, dtype)
+        record(f"decode 8B {str(dtype)[6:]} B=32 ragged ctx<=4096 bs16 split=64", decode(b, partition_size=64),
+               ref, dtype)
+    for block_size in (32, 64):
+        b = make_paged_batch([1] * 32, ragged, block_size=block_size)
+        record(f"decode 8B bf16 B=32 ragged bs{block_size}", decode(b), reference(b), torch.bfloat16)
+    b = make_paged_batch([1] * 16, ragged[:16], num_heads=16, num_kv_heads=16, head_size=64, dtype=torch.float16)
+    record("decode MHA h16 d64 fp16 B=16 ragged", decode(b), reference(b), torch.float16)
+    b = make_paged_batch([1] * 32, ragged)
+    record("decode 8B bf16 sliding window 1000", decode(b, 1000), reference(b, 1000), torch.bfloat16)
+    padded = b.meta.context_lens.clone()
+    padded[-4:] = 0  # CUDA-graph padding slots
+    out = paged_decode_attention(b.q, b.kv, b.meta.block_tables, padded, b.scale, None, b.meta.max_context_len)
+    report.checks.append(Check("decode: context_len 0 slots give exact zeros", 0.0, 0.0,
+                               bool((out[-4:] == 0).all() and torch.isfinite(out).all())))
+    print(f"  {'ok  ' if report.checks[-1].passed else 'FAIL'} {report.checks[-1].name}")
+
+    # Mixed step: two fresh prompts, a 512-token chunk on a 1500-token prefix, 8 decode tokens.
+    qlens = [1000, 300, 512] + [1] * 8
+    clens = [1000, 300, 2012] + ragged[:8]
+    for dtype in (torch.bfloat16, torch.float32):
+        b = make_paged_batch(qlens, clens, dtype=dtype)
+        record(f"varlen 8B {str(dtype)[6:]} mixed prefill/chunk/decode", varlen(b), reference(b), dtype)
+    b = make_paged_batch(qlens, clens)
+    record("varlen 8B bf16 sliding window 256", varlen(b, 256), reference(b, 256), torch.bfloat16)
+    b = make_paged_batch(qlens, clens, block_size=64)
+    record("varlen 8B bf16 bs64", varlen(b), reference(b), torch.bfloat16)
+    torch.cuda.empty_cache()
+
+
+# ----------------------------------------------------------------------------- timings
+
+def run_decode_bench(report: Report, batches: list[int], contexts: list[int]) -> None:
+    from runtime_lib.kernels.paged_attention import (choose_partition_size, device_parallelism,
+                                                     paged_decode_attention)
+
+    print("\ndecode (bf16, 32/8 heads, d=128, block 16): µs per call, median")
+    for B in batches:
+        for ctx in contexts:
+            b = make_paged_batch([1] * B, [ctx] * B)
+            m = b.meta
+            out = torch.empty_like(b.q)
+
+            def triton_call():
+                paged_decode_attention(b.q, b.kv, m.block_tables, m.context_lens, b.scale, None, ctx, out=out)
+
+            def torch_call():
+                paged_attention_torch(b.q, b.kv, m, b.scale)
+
+            k, v = contiguous_kv(b)
+            q4 = b.q[:, :, None, :]                                          # (B, h, 1, d)
+
+            def sdpa_call():
+                F.scaled_dot_product_attention(q4, k, v, scale=b.scale, enable_gqa=True)
+
+            triton_call()
+            err = (out.float() - paged_attention_torch(b.q, b.kv, m, b.scale).float()).abs().max().item()
+            t_triton = bench_us(triton_call)
+            t_graph = graph_us(triton_call)
+            t_torch = bench_us(torch_call)
+            t_sdpa = bench_us(sdpa_call)
+            kv_bytes = 2 * B * ctx * NUM_KV_HEADS * HEAD_SIZE * b.kv.element_size()
+            row = DecodeRow(
+                batch=B, context=ctx,
+                partition_size=choose_partition_size(B, NUM_KV_HEADS, ctx, device_parallelism(b.q.device),
+                                                     64),
+                triton_us=t_triton, triton_graph_us=t_graph, torch_paged_us=t_torch, sdpa_contiguous_us=t_sdpa,
+                kv_mbytes=kv_bytes / 1e6, triton_gbps=kv_bytes / t_triton / 1e3,
+                triton_graph_gbps=kv_bytes / t_graph / 1e3,
+                pct_of_copy_bw=100 * kv_bytes / t_graph / 1e3 / report.copy_gbps,
+                max_abs_err_vs_torch=err)
+            report.decode.append(row)
+            print(f"  B={B:4d} ctx={ctx:5d} split={row.partition_size:5d}  triton {t_triton:8.1f}  "
+                  f"graph {t_graph:8.1f}  torch-paged {t_torch:9.1f}  sdpa-contig {t_sdpa:8.1f}  "
+                  f"{row.triton_graph_gbps:7.0f} GB/s ({row.pct_of_copy_bw:4.1f}% copy)  err {err:.1e}")
+            del b, k, v, out
+            torch.cuda.empty_cache()
+
+
+def run_prefill_bench(report: Report, quick: bool) -> None:
+    from runtime_lib.kernels.varlen_attention import paged_varlen_attention
+
+    cases = [("1 x 2048 prompt", [2048], [2048]),
+             ("8 x 512 prompts", [512] * 8, [512] * 8),
+             ("4 x 512 chunk on 3584 prefix", [512] * 4, [4096] * 4),
+             ("mixed: 2x1024 prompts + 64 decode", [1024, 1024] + [1] * 64, [1024, 1024] + [2048] * 64)]
+    if quick:
+        cases = cases[:2]
+    print("\nprefill / varlen (bf16, 8B heads): µs per call, median")
+    for name, qlens, clens in cases:
+        b = make_paged_batch(qlens, clens)
+        m = b.meta
+        out = torch.empty_like(b.q)
+
+        def triton_call():
+            paged_varlen_attention(b.q, b.kv, m.block_tables, m.context_lens, m.cu_query_lens,
+                                   m.max_query_len, b.scale, out=out)
+
+        def torch_call():
+            paged_attention_torch(b.q, b.kv, m, b.scale)
+
+        sdpa_call = None
+        if len(set(qlens)) == 1 and qlens == clens:  # equal fresh prompts: dense causal SDPA (flash)
+            k, v = contiguous_kv(b)
+            q4 = b.q.view(len(qlens), qlens[0], NUM_HEADS, HEAD_SIZE).transpose(1, 2)
+
+            def sdpa_call():
+                F.scaled_dot_product_attention(q4, k, v, is_causal=True, scale=b.scale, enable_gqa=True)
+
+        triton_call()
+        err = (out.float() - paged_attention_torch(b.q, b.kv, m, b.scale).float()).abs().max().item()
+        t_triton = bench_us(triton_call)
+        t_torch = bench_us(torch_call)
+        t_sdpa = bench_us(sdpa_call) if sdpa_call else None
+        # Useful (causal) attention FLOPs: 4 * d per (query, visible key) pair per head.
+        pairs = sum(ql * (c - ql) + ql * (ql + 1) // 2 for ql, c in zip(qlens, clens))
+        tflops = 4 * HEAD_SIZE * NUM_HEADS * pairs / t_triton / 1e6
+        report.prefill.append(PrefillRow(name, sum(qlens), t_triton, t_torch, t_sdpa, tflops, err))
+        sdpa_txt = f"{t_sdpa:9.1f}" if t_sdpa else "      n/a"
+        print(f"  {name:36s} triton {t_triton:9.1f} ({tflops:5.1f} TFLOP/s)  torch-paged {t_torch:9.1f}  "
+              f"sdpa-contig {sdpa_txt}  err {err:.1e}")
+        del b, out
+        torch.cuda.empty_cache()
+
+
+def run_sweep(report: Report) -> None:
+    from runtime_lib.kernels.paged_attention import DecodeTuning, paged_decode_attention
+
+    print("\ndecode launch sweep (graph-replay µs; best first per shape):")
+    for B, ctx in [(1, 4096), (8, 1024), (64, 1024), (256, 4096)]:
+        b = make_paged_batch([1] * B, [ctx] * B)
+        m = b.meta
+        out = torch.empty_like(b.q)
+        results = []
+        for block_n in (32, 64, 128):
+            for num_warps in (2, 4, 8):
+                for num_stages in (1, 2, 3):
+                    for max_part in (256, 512, 1024, 2048):
+                        tuning = DecodeTuning(block_n, max_part, num_warps, num_stages)
+
+                        def call():
+                            paged_decode_attention(b.q, b.kv, m.block_tables, m.context_lens, b.scale, None,
+                                                   ctx, out=out, tuning=tuning)
+                        try:
+                            results.append((graph_us(call), asdict(tuning)))
+                        except Exception as exc:  # e.g. out of shared memory for a big tile
+                            print(f"    skip {tuning}: {type(exc).__name__}")
+        results.sort(key=lambda r: r[0])
+        kv_bytes = 2 * B * ctx * NUM_KV_HEADS * HEAD_SIZE * 2
+        for us, cfg in results[:3]:
+            print(f"  B={B:4d} ctx={ctx:5d}  {us:8.1f} µs  {kv_bytes / us / 1e3:6.0f} GB/s  {cfg}")
+        report.sweep.append({"batch": B, "context": ctx, "top": [{"us": us, **cfg} for us, cfg in results[:5]]})
+        del b, out
+        torch.cuda.empty_cache()
+
+
+# ----------------------------------------------------------------------------- output
+
+def markdown(report: Report) -> str:
+    lines = [f"# Triton paged attention on {report.device}",
+             f"torch {report.torch}, triton {report.triton}, python {report.python}, {report.date}; "
+             f"device-to-device copy bandwidth {report.copy_gbps:.0f} GB/s", "",
+             "## Correctness vs paged_attention_torch (fp32)", "", "| check | max abs err | tol | ok |",
+             "|---|---|---|---|"]
+    lines += [f"| {c.name} | {c.max_abs_err:.2e} | {c.tol:.0e} | {'yes' if c.passed else '**NO**'} |"
+              for c in report.checks]
+    lines += ["", "## Decode, Llama-3.1-8B heads (32/8, d=128), bf16, block 16 — µs per call", "",
+              "| batch | context | split | triton | triton (graph) | torch gather+SDPA | SDPA contiguous | "
+              "KV MB | GB/s (graph) | % copy BW | speedup vs torch paged | vs SDPA contiguous |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in report.decode:
+        lines.append(f"| {r.batch} | {r.context} | {r.partition_size} | {r.triton_us:.1f} | {r.triton_graph_us:.1f} | "
+                     f"{r.torch_paged_us:.1f} | {r.sdpa_contiguous_us:.1f} | {r.kv_mbytes:.1f} | "
+                     f"{r.triton_graph_gbps:.0f} | {r.pct_of_copy_bw:.1f} | "
+                     f"{r.torch_paged_us / r.triton_graph_us:.1f}x | {r.sdpa_contiguous_us / r.triton_graph_us:.2f}x |")
+    lines += ["", "## Prefill / varlen, bf16 — µs per call", "",
+              "| case | tokens | triton varlen | TFLOP/s | torch gather+SDPA | SDPA contiguous (flash, causal) |",
+              "|---|---|---|---|---|---|"]
+    for r in report.prefill:
+        sdpa = f"{r.sdpa_contiguous_us:.1f}" if r.sdpa_contiguous_us else "n/a"
+        lines.append(f"| {r.case} | {r.tokens} | {r.triton_us:.1f} | {r.triton_tflops:.1f} | {r.torch_paged_us:.1f} "
+                     f"| {sdpa} |")
+    if report.sweep:
+        lines += ["", "## Decode launch sweep (graph µs, top 5)", ""]
+        for s in report.sweep:
+            lines.append(f"- B={s['batch']} ctx={s['context']}: " + "; ".join(
+                f"{t['us']:.1f} µs bn={t['block_n']} w={t['num_warps']} st={t['num_stages']} "
+                f"maxpart={t['max_partition_size']}" for t in s["top"]))
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer shapes")
+    parser.add_argument("--sweep", action="store_true", help="also sweep decode launch parameters")
+    parser.add_argument("--skip-checks", action="store_true", help="timings only")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print("gpu_kernels: no CUDA device, skipping")
+        return 0
+    try:
+        import triton
+    except ImportError:
+        print("gpu_kernels: triton is not installed, skipping")
+        return 0
+
+    torch.manual_seed(0)
+    report = Report(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+                    python=platform.python_version(), date=dt.datetime.now().isoformat(timespec="seconds"),
+                    copy_gbps=copy_bandwidth_gbps())
+    print(f"{report.device}  torch {report.torch}  triton {report.triton}  copy {report.copy_gbps:.0f} GB/s")
+    if not args.skip_checks:
+        run_checks(report)
+    batches = [1, 8, 64, 256] if not args.quick else [1, 64]
+    contexts = [128, 1024, 4096] if not args.quick else [1024, 4096]
+    run_decode_bench(report, batches, contexts)
+    run_prefill_bench(report, args.quick)
+    if args.sweep:
+        run_sweep(report)
+
+    out_dir = Path(os.environ["OUT"]) if os.environ.get("OUT") else Path(__file__).resolve().parent / "results"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    slug = "".join(ch if ch.isalnum() else "-" for ch in report.device).strip("-").lower()
+    stem = out_dir / f"gpu_kernels-{slug}-{report.date[:10]}"
+    stem.with_suffix(".json").write_text(json.dumps(asdict(report), indent=2))
+    stem.with_suffix(".md").write_text(markdown(report))
+    print(f"\nwrote {stem}.json and {stem}.md")
+    failed = [c.name for c in report.checks if not c.passed]
+    if failed:
+        print(f"FAILED checks: {failed}")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
