@@ -14,6 +14,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from runtime_lib import tokenizer as _tok
+
 WordList = list[list[int]]  # one row's words, each a list of token ids
 
 
@@ -178,30 +180,14 @@ def ids_to_word_list_format(word_ids: Sequence[Sequence[Sequence[int]]]) -> np.n
     """Token-id words per row -> TRT-LLM's int32 array `[batch, 2, max_len]`.
 
     Row `b`: `[b, 0]` holds the words' ids concatenated (padded with 0), `[b, 1]` the cumulative
-    end offset of each word (padded with -1). `max_len >= 1` so the array is never empty.
+    end offset of each word (padded with -1). Empty words are dropped, as TRT-LLM does;
+    `max_len >= 1` so the array is never empty. (`runtime_lib.tokenizer.to_word_list_format`.)
     """
-    flat_rows: list[list[int]] = []
-    offset_rows: list[list[int]] = []
     for b, words in enumerate(word_ids):
-        flat: list[int] = []
-        offsets: list[int] = []
         for w, word in enumerate(words):
-            word = [int(t) for t in word]
-            if any(t < 0 for t in word):
+            if any(int(t) < 0 for t in word):
                 raise ValueError(f"word_ids[{b}][{w}] has a negative token id; ids must be >= 0")
-            if not word:  # as TRT-LLM: words that encode to nothing are dropped
-                continue
-            flat += word
-            offsets.append(len(flat))
-        flat_rows.append(flat)
-        offset_rows.append(offsets)
-    max_len = max([1] + [len(f) for f in flat_rows])
-    out = np.zeros((len(flat_rows), 2, max_len), dtype=np.int32)
-    out[:, 1, :] = -1
-    for b, (flat, offsets) in enumerate(zip(flat_rows, offset_rows)):
-        out[b, 0, :len(flat)] = flat
-        out[b, 1, :len(offsets)] = offsets
-    return out
+    return _tok.to_word_list_format(word_ids)
 
 
 def to_word_list_format(word_dict: Sequence[Sequence[str | bytes]], tokenizer: Any,
@@ -237,21 +223,7 @@ def from_word_list_format(array: Any) -> list[list[list[int]]]:
         arr = arr[None]
     if arr.ndim != 3 or arr.shape[1] != 2:
         raise ValueError(f"word list must have shape [batch, 2, max_len], got {list(arr.shape)}")
-    rows: list[list[list[int]]] = []
-    for b in range(arr.shape[0]):
-        flat = arr[b, 0].tolist()
-        words: list[list[int]] = []
-        start = 0
-        for off in arr[b, 1].tolist():
-            if off < 0:
-                break
-            if off <= start or off > len(flat):
-                raise ValueError(f"word list row {b}: offset {off} must be in ({start}, {len(flat)}] "
-                                 f"(offsets are increasing word end positions)")
-            words.append([int(t) for t in flat[start:off]])
-            start = off
-        rows.append(words)
-    return rows
+    return [_tok.from_word_list_format(arr[b], f"word list row {b}") for b in range(arr.shape[0])]
 
 
 def normalize_word_lists(value: Any, batch_size: int, name: str = "word list") -> list[list[list[int]]]:
