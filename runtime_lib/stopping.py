@@ -196,7 +196,8 @@ def to_word_list_format(word_dict: Sequence[Sequence[str | bytes]], tokenizer: A
     `ids_to_word_list_format`).
 
     As TRT-LLM's function of the same name, each string of `word_dict[b]` is split as one CSV
-    line (`" I am happy, I am sad"` -> two words). tensorrtllm_backend's preprocessing model
+    line (`" I am happy, I am sad"` -> two words); a string without a comma is one word as is.
+    tensorrtllm_backend's preprocessing model
     instead treats every string as one word: pass `split_csv=False` for that.
     """
     if tokenizer is None:
@@ -208,7 +209,8 @@ def to_word_list_format(word_dict: Sequence[Sequence[str | bytes]], tokenizer: A
         words: list[str] = []
         for s in item:
             s = s.decode() if isinstance(s, bytes) else str(s)
-            words += next(csv.reader([s]), []) if split_csv else [s]
+            # csv only where there is something to split: it would drop "\n\n" and unquote '"x"'
+            words += next(csv.reader([s]), []) if split_csv and "," in s else [s]
         rows.append([list(tokenizer.encode(w, add_special_tokens=add_special_tokens)) for w in words])
     return ids_to_word_list_format(rows)
 
