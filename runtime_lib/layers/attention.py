@@ -110,3 +110,12 @@ def paged_attention_torch(q: torch.Tensor, kv_layer: torch.Tensor, meta: Attenti
         attn_mask=allowed[:, None], scale=scale, enable_gqa=(h != kvh))    # (B, h, max_q, d)
     out = out.transpose(1, 2)                                               # (B, max_q, h, d)
     return out[q_valid]                                                     # (T, h, d)
+
+
+def paged_attention(q: torch.Tensor, kv_layer: torch.Tensor, meta: AttentionMetadata,
+                    scale: float, sliding_window: int | None = None) -> torch.Tensor:
+    """The one attention entry point every model layer calls: q (T, h, d) -> (T, h, d).
+
+    Dispatch lives here so faster backends (Triton paged-decode / varlen-prefill kernels on
+    GPU) slot in behind the same call; the plain-torch path is the portable reference."""
+    return paged_attention_torch(q, kv_layer, meta, scale, sliding_window)
