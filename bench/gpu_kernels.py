@@ -2,9 +2,9 @@
 
 One command, from the repository root, on a CUDA machine:
 
-    python3 bench/gpu_kernels.py            # correctness + decode/prefill timings (~2-3 min)
-    python3 bench/gpu_kernels.py --sweep    # + decode launch-parameter sweep
-    python3 bench/gpu_kernels.py --quick    # fewer shapes (smoke run)
+    python3 bench/gpu_kernels.py                      # correctness + decode/prefill timings (~1 min)
+    python3 bench/gpu_kernels.py --sections sweep     # launch-parameter search for both kernels
+    python3 bench/gpu_kernels.py --quick              # fewer shapes (smoke run)
 
 Shapes are Llama-3.1-8B attention (32 query heads, 8 KV heads, head 128, bf16). Decode compares
 the Triton split-K kernel, the torch reference (gather the paged cache + SDPA) and SDPA over a
@@ -273,15 +273,19 @@ def run_prefill_bench(report: Report, quick: bool) -> None:
              ("mixed: 2x1024 prompts + 64 decode", [1024, 1024] + [1] * 64, [1024, 1024] + [2048] * 64)]
     if quick:
         cases = cases[:2]
+    if not quick:
+        cases.append(("mixed, decode rows not split off", [1024, 1024] + [1] * 64, [1024, 1024] + [2048] * 64))
     print("\nprefill / varlen (bf16, 8B heads): µs per call, median")
     for name, qlens, clens in cases:
         b = make_paged_batch(qlens, clens)
         m = b.meta
         out = torch.empty_like(b.q)
+        split = "not split" not in name
 
         def triton_call():
             paged_varlen_attention(b.q, b.kv, m.block_tables, m.context_lens, m.cu_query_lens,
-                                   m.max_query_len, b.scale, out=out)
+                                   m.max_query_len, b.scale, max_context_len=m.max_context_len,
+                                   split_decode=split, out=out)
 
         def torch_call():
             paged_attention_torch(b.q, b.kv, m, b.scale)
@@ -312,6 +316,34 @@ def run_prefill_bench(report: Report, quick: bool) -> None:
 
 def run_sweep(report: Report) -> None:
     from runtime_lib.kernels.paged_attention import DecodeTuning, paged_decode_attention
+    from runtime_lib.kernels.varlen_attention import VarlenTuning, paged_varlen_attention
+
+    print("\nvarlen launch sweep (µs; best first per shape):")
+    for name, qlens, clens in [("1 x 2048 prompt", [2048], [2048]),
+                               ("4 x 512 chunk on 3584 prefix", [512] * 4, [4096] * 4)]:
+        b = make_paged_batch(qlens, clens)
+        m = b.meta
+        out = torch.empty_like(b.q)
+        results = []
+        for max_block_m in (64, 128):
+            for block_n in (32, 64, 128):
+                for num_warps in (4, 8):
+                    for num_stages in (2, 3, 4):
+                        tuning = VarlenTuning(max_block_m, block_n, num_warps, num_stages)
+
+                        def call():
+                            paged_varlen_attention(b.q, b.kv, m.block_tables, m.context_lens, m.cu_query_lens,
+                                                   m.max_query_len, b.scale, out=out, tuning=tuning)
+                        try:
+                            results.append((bench_us(call), asdict(tuning)))
+                        except Exception as exc:  # e.g. out of shared memory for a big tile
+                            print(f"    skip {tuning}: {type(exc).__name__}")
+        results.sort(key=lambda r: r[0])
+        for us, cfg in results[:3]:
+            print(f"  {name:30s} {us:8.1f} µs  {cfg}")
+        report.sweep.append({"kernel": "varlen", "case": name, "top": [{"us": us, **cfg} for us, cfg in results[:5]]})
+        del b, out
+        torch.cuda.empty_cache()
 
     print("\ndecode launch sweep (graph-replay µs; best first per shape):")
     for B, ctx in [(1, 4096), (8, 1024), (64, 1024), (256, 4096)]:
@@ -321,8 +353,8 @@ def run_sweep(report: Report) -> None:
         results = []
         for block_n in (32, 64, 128):
             for num_warps in (2, 4, 8):
-                for num_stages in (1, 2, 3):
-                    for max_part in (256, 512, 1024, 2048):
+                for num_stages in (2, 3):
+                    for max_part in (512, 1024, 2048):
                         tuning = DecodeTuning(block_n, max_part, num_warps, num_stages)
 
                         def call():
@@ -336,7 +368,8 @@ def run_sweep(report: Report) -> None:
         kv_bytes = 2 * B * ctx * NUM_KV_HEADS * HEAD_SIZE * 2
         for us, cfg in results[:3]:
             print(f"  B={B:4d} ctx={ctx:5d}  {us:8.1f} µs  {kv_bytes / us / 1e3:6.0f} GB/s  {cfg}")
-        report.sweep.append({"batch": B, "context": ctx, "top": [{"us": us, **cfg} for us, cfg in results[:5]]})
+        report.sweep.append({"kernel": "decode", "case": f"B={B} ctx={ctx}",
+                             "top": [{"us": us, **cfg} for us, cfg in results[:5]]})
         del b, out
         torch.cuda.empty_cache()
 
@@ -368,19 +401,18 @@ def markdown(report: Report) -> str:
         lines.append(f"| {r.case} | {r.tokens} | {r.triton_us:.1f} | {r.triton_tflops:.1f} | {r.torch_paged_us:.1f} "
                      f"| {sdpa} |")
     if report.sweep:
-        lines += ["", "## Decode launch sweep (graph µs, top 5)", ""]
+        lines += ["", "## Launch sweeps (µs, top 5)", ""]
         for s in report.sweep:
-            lines.append(f"- B={s['batch']} ctx={s['context']}: " + "; ".join(
-                f"{t['us']:.1f} µs bn={t['block_n']} w={t['num_warps']} st={t['num_stages']} "
-                f"maxpart={t['max_partition_size']}" for t in s["top"]))
+            lines.append(f"- {s['kernel']} {s['case']}: " + "; ".join(
+                f"{t['us']:.1f} µs " + " ".join(f"{k}={v}" for k, v in t.items() if k != "us") for t in s["top"]))
     return "\n".join(lines) + "\n"
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer shapes")
-    parser.add_argument("--sweep", action="store_true", help="also sweep decode launch parameters")
-    parser.add_argument("--skip-checks", action="store_true", help="timings only")
+    parser.add_argument("--sections", default="checks,decode,prefill",
+                        help="comma list of checks,decode,prefill,sweep (sweep: launch-parameter search)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("gpu_kernels: no CUDA device, skipping")
@@ -396,19 +428,23 @@ def main() -> int:
                     python=platform.python_version(), date=dt.datetime.now().isoformat(timespec="seconds"),
                     copy_gbps=copy_bandwidth_gbps())
     print(f"{report.device}  torch {report.torch}  triton {report.triton}  copy {report.copy_gbps:.0f} GB/s")
-    if not args.skip_checks:
+    sections = set(args.sections.split(","))
+    if "checks" in sections:
         run_checks(report)
-    batches = [1, 8, 64, 256] if not args.quick else [1, 64]
-    contexts = [128, 1024, 4096] if not args.quick else [1024, 4096]
-    run_decode_bench(report, batches, contexts)
-    run_prefill_bench(report, args.quick)
-    if args.sweep:
+    if "decode" in sections:
+        batches = [1, 8, 64, 256] if not args.quick else [1, 64]
+        contexts = [128, 1024, 4096] if not args.quick else [1024, 4096]
+        run_decode_bench(report, batches, contexts)
+    if "prefill" in sections:
+        run_prefill_bench(report, args.quick)
+    if "sweep" in sections:
         run_sweep(report)
 
     out_dir = Path(os.environ["OUT"]) if os.environ.get("OUT") else Path(__file__).resolve().parent / "results"
     out_dir.mkdir(parents=True, exist_ok=True)
     slug = "".join(ch if ch.isalnum() else "-" for ch in report.device).strip("-").lower()
-    stem = out_dir / f"gpu_kernels-{slug}-{report.date[:10]}"
+    tag = "" if sections == {"checks", "decode", "prefill"} else "-" + "-".join(sorted(sections))
+    stem = out_dir / f"gpu_kernels-{slug}-{report.date[:10]}{tag}"
     stem.with_suffix(".json").write_text(json.dumps(asdict(report), indent=2))
     stem.with_suffix(".md").write_text(markdown(report))
     print(f"\nwrote {stem}.json and {stem}.md")

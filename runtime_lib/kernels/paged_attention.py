@@ -81,7 +81,7 @@ def mma(a, b, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 @triton.jit
 def _decode_partition_kernel(
     out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr,
-    q_ptr, k_ptr, v_ptr, block_tables_ptr, context_lens_ptr,
+    q_ptr, k_ptr, v_ptr, block_tables_ptr, context_lens_ptr, cu_q_ptr,
     scale_log2, window,
     stride_qb, stride_qh,
     stride_kblk, stride_kslot, stride_khead,
@@ -92,12 +92,20 @@ def _decode_partition_kernel(
     HEAD_SIZE: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, PARTITION_SIZE: tl.constexpr,
     USE_PARTITIONS: tl.constexpr, HAS_WINDOW: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    DOT_UPCAST: tl.constexpr,
+    DOT_UPCAST: tl.constexpr, MIXED: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     part = tl.program_id(2)
 
+    if MIXED:
+        # Mixed batch: q is (T, h, d) with cu_q offsets; only one-token sequences are ours,
+        # the varlen kernel takes the rest.
+        q_row = tl.load(cu_q_ptr + seq)
+        if tl.load(cu_q_ptr + seq + 1) - q_row != 1:
+            return
+    else:
+        q_row = seq
     ctx = tl.load(context_lens_ptr + seq)
     part_start = part * PARTITION_SIZE
     if USE_PARTITIONS and part_start >= ctx:
@@ -112,7 +120,7 @@ def _decode_partition_kernel(
     g_mask = offs_g < GROUP
     d_mask = offs_d < HEAD_SIZE
     heads = kv_head * GROUP + offs_g                                            # (BLOCK_G,)
-    q = tl.load(q_ptr + seq * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
+    q = tl.load(q_ptr + q_row * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
                 mask=g_mask[:, None] & d_mask[None, :], other=0.0)             # (BLOCK_G, BLOCK_D)
 
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
@@ -145,20 +153,26 @@ def _decode_partition_kernel(
     else:
         # l_i >= 1 whenever ctx > 0 (the max term is exp2(0)); ctx == 0 (padded slot) gives 0.
         out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-        tl.store(out_ptr + seq * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
+        tl.store(out_ptr + q_row * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
                  out.to(out_ptr.dtype.element_ty), mask=g_mask[:, None] & d_mask[None, :])
 
 
 @triton.jit
 def _decode_reduce_kernel(
-    out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr, context_lens_ptr,
+    out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr, context_lens_ptr, cu_q_ptr,
     stride_ob, stride_oh,
     num_heads, num_partitions,
     HEAD_SIZE: tl.constexpr, BLOCK_D: tl.constexpr,
-    PARTITION_SIZE: tl.constexpr, BLOCK_P: tl.constexpr,
+    PARTITION_SIZE: tl.constexpr, BLOCK_P: tl.constexpr, MIXED: tl.constexpr,
 ):
     seq = tl.program_id(0)
     head = tl.program_id(1)
+    if MIXED:
+        q_row = tl.load(cu_q_ptr + seq)
+        if tl.load(cu_q_ptr + seq + 1) - q_row != 1:
+            return
+    else:
+        q_row = seq
     ctx = tl.load(context_lens_ptr + seq)
     num_parts = tl.cdiv(ctx, PARTITION_SIZE)  # only these were written for this sequence
     offs_d = tl.arange(0, BLOCK_D)
@@ -183,7 +197,7 @@ def _decode_reduce_kernel(
         acc = acc * alpha + tl.sum(a_p * w[:, None], 0)
         m_run = m_new
     out = acc / tl.where(l_run > 0, l_run, 1.0)
-    tl.store(out_ptr + seq * stride_ob + head * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty),
+    tl.store(out_ptr + q_row * stride_ob + head * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty),
              mask=offs_d < HEAD_SIZE)
 
 
@@ -227,17 +241,35 @@ def paged_decode_attention(q: torch.Tensor, kv_layer: torch.Tensor, block_tables
     two >= 16. Returns (B, h, d) in q's dtype, accumulated in fp32.
     """
     check_paged_inputs(q, kv_layer, block_tables, context_lens)
-    num_seqs, num_heads, head_size = q.shape
+    if q.shape[0] != context_lens.shape[0]:
+        raise ValueError(f"decode q must have one token per sequence: q.shape[0]={q.shape[0]}, "
+                         f"context_lens.shape[0]={context_lens.shape[0]}")
+    if sliding_window is not None and sliding_window <= 0:
+        raise ValueError(f"sliding_window must be a positive int or None, got {sliding_window}")
+    if partition_size is not None and (partition_size < 16 or partition_size & (partition_size - 1)):
+        raise ValueError(f"partition_size must be a power of two >= 16, got {partition_size}")
+    if out is None:
+        out = torch.empty_like(q)
+    return launch_decode(q, kv_layer, block_tables, context_lens, scale, sliding_window, max_context_len,
+                         out, partition_size=partition_size, tuning=tuning)
+
+
+def launch_decode(q: torch.Tensor, kv_layer: torch.Tensor, block_tables: torch.Tensor,
+                  context_lens: torch.Tensor, scale: float, sliding_window: int | None,
+                  max_context_len: int | None, out: torch.Tensor, *, partition_size: int | None = None,
+                  tuning: DecodeTuning = DEFAULT_DECODE_TUNING,
+                  cu_query_lens: torch.Tensor | None = None) -> torch.Tensor:
+    """Launch the decode kernels on validated inputs. With `cu_query_lens` (B+1,), q and out
+    are the (T, h, d) tokens of a mixed batch and only sequences with exactly one query token
+    are computed (written at their row); the varlen kernel covers the others."""
+    num_seqs = context_lens.shape[0]
+    num_heads, head_size = q.shape[1], q.shape[2]
     _, _, block_size, num_kv_heads, _ = kv_layer.shape
     group = num_heads // num_kv_heads
     if max_context_len is None:
         max_context_len = block_tables.shape[1] * block_size
-    if out is None:
-        out = torch.empty_like(q)
     if num_seqs == 0 or max_context_len <= 0:
-        return out.zero_()
-    if sliding_window is not None and sliding_window <= 0:
-        raise ValueError(f"sliding_window must be a positive int or None, got {sliding_window}")
+        return out.zero_() if cu_query_lens is None else out
 
     # One K/V tile = several cache blocks when blocks are small: fewer, larger loads per iteration.
     block_n = tuning.block_n or max(block_size, 64 if head_size <= 128 else 32)
@@ -245,8 +277,6 @@ def paged_decode_attention(q: torch.Tensor, kv_layer: torch.Tensor, block_tables
         partition_size = choose_partition_size(num_seqs, num_kv_heads, max_context_len,
                                                device_parallelism(q.device), block_n,
                                                tuning.max_partition_size)
-    elif partition_size < 16 or partition_size & (partition_size - 1):
-        raise ValueError(f"partition_size must be a power of two >= 16, got {partition_size}")
     block_n = min(block_n, partition_size)
     num_partitions = triton.cdiv(max_context_len, partition_size)
     use_partitions = num_partitions > 1
@@ -258,12 +288,14 @@ def paged_decode_attention(q: torch.Tensor, kv_layer: torch.Tensor, block_tables
         part_l = torch.empty_like(part_m)
     else:
         part_acc = part_m = part_l = out  # unused by the kernel in this mode
+    mixed = cu_query_lens is not None
+    cu_q = cu_query_lens if mixed else context_lens  # unused unless mixed
     k_cache, v_cache = kv_layer[0], kv_layer[1]
     fp32 = q.dtype == torch.float32
 
     _decode_partition_kernel[(num_seqs, num_kv_heads, num_partitions)](
         out, part_acc, part_m, part_l,
-        q, k_cache, v_cache, block_tables, context_lens,
+        q, k_cache, v_cache, block_tables, context_lens, cu_q,
         scale * LOG2E, sliding_window or 0,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -275,15 +307,15 @@ def paged_decode_attention(q: torch.Tensor, kv_layer: torch.Tensor, block_tables
         BLOCK_SIZE=block_size, BLOCK_N=block_n, PARTITION_SIZE=partition_size,
         USE_PARTITIONS=use_partitions, HAS_WINDOW=sliding_window is not None,
         INPUT_PRECISION="ieee" if fp32 else "tf32", DOT_UPCAST=interpreter_dot_upcast(q.dtype),
-        num_warps=tuning.num_warps, num_stages=tuning.num_stages,
+        MIXED=mixed, num_warps=tuning.num_warps, num_stages=tuning.num_stages,
     )
     if use_partitions:
         _decode_reduce_kernel[(num_seqs, num_heads)](
-            out, part_acc, part_m, part_l, context_lens,
+            out, part_acc, part_m, part_l, context_lens, cu_q,
             out.stride(0), out.stride(1),
             num_heads, num_partitions,
             HEAD_SIZE=head_size, BLOCK_D=block_d,
             PARTITION_SIZE=partition_size, BLOCK_P=min(16, triton.next_power_of_2(num_partitions)),
-            num_warps=4,
+            MIXED=mixed, num_warps=4,
         )
     return out

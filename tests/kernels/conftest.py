@@ -29,4 +29,5 @@ def kernels() -> types.SimpleNamespace:
     assert isinstance(varlen_attention._varlen_kernel, InterpretedFunction)
     return types.SimpleNamespace(decode=paged_attention.paged_decode_attention,
                                  varlen=varlen_attention.paged_varlen_attention,
-                                 choose_partition_size=paged_attention.choose_partition_size)
+                                 choose_partition_size=paged_attention.choose_partition_size,
+                                 DecodeTuning=paged_attention.DecodeTuning)

@@ -61,10 +61,10 @@ def run_decode(kernels, case: PagedCase, sliding_window: int | None = None, **kw
                           sliding_window, m.max_context_len, **kw)
 
 
-def run_varlen(kernels, case: PagedCase, sliding_window: int | None = None) -> torch.Tensor:
+def run_varlen(kernels, case: PagedCase, sliding_window: int | None = None, **kw) -> torch.Tensor:
     m = case.meta
     return kernels.varlen(case.q, case.kv_poisoned, m.block_tables, m.context_lens, m.cu_query_lens,
-                          m.max_query_len, case.scale, sliding_window)
+                          m.max_query_len, case.scale, sliding_window, max_context_len=m.max_context_len, **kw)
 
 
 def assert_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> None:
@@ -154,6 +154,9 @@ class TestDecode:
             run_decode(kernels, case, partition_size=24)
         with pytest.raises(ValueError, match="sliding_window must be a positive int"):
             run_decode(kernels, case, sliding_window=0)
+        with pytest.raises(ValueError, match=r"one token per sequence: q.shape\[0\]=2"):
+            kernels.decode(torch.cat([case.q, case.q]), case.kv_poisoned, m.block_tables, m.context_lens,
+                           case.scale)
         with pytest.raises(ValueError, match="num_heads=3 must be a multiple of num_kv_heads=2"):
             kernels.decode(case.q[:, :3], case.kv_poisoned, m.block_tables, m.context_lens, case.scale)
 
@@ -166,6 +169,16 @@ class TestVarlen:
         query_lens, context_lens = [12, 9, 1, 1, 20], [12, 41, 17, 70, 20 + 13]
         case = make_case(query_lens, context_lens, num_heads=num_heads, num_kv_heads=num_kv_heads, dtype=dtype)
         assert_close(run_varlen(kernels, case), case.reference(), dtype)
+
+    @pytest.mark.parametrize("window", [None, 5])
+    def test_decode_rows_in_one_launch_or_split_off_agree(self, kernels, window):
+        # split_decode=False: one-token sequences run as (mostly idle) varlen tiles; True: through
+        # the split-K decode kernel writing into the same output rows (forced into 3 partitions).
+        case = make_case([1, 30, 1, 1, 4], [70, 45, 1, 33, 4], num_heads=8, num_kv_heads=2)
+        ref = case.reference(window)
+        assert_close(run_varlen(kernels, case, window, split_decode=False), ref, torch.float32)
+        assert_close(run_varlen(kernels, case, window, decode_tuning=kernels.DecodeTuning(max_partition_size=32)),
+                     ref, torch.float32)
 
     @pytest.mark.parametrize("num_heads,num_kv_heads", [(2, 2), (8, 2)])
     def test_long_prompt_spans_several_query_tiles(self, kernels, num_heads, num_kv_heads):
@@ -188,6 +201,11 @@ class TestVarlen:
     def test_all_decode_batch_equals_the_decode_kernel(self, kernels):
         case = make_case([1] * len(RAGGED), RAGGED, num_heads=8, num_kv_heads=2)
         torch.testing.assert_close(run_varlen(kernels, case), run_decode(kernels, case), atol=2e-5, rtol=2e-5)
+
+    def test_rejects_a_head_size_that_is_not_a_power_of_two(self, kernels):
+        case = make_case([3], [3], head_size=48)
+        with pytest.raises(ValueError, match="head_size must be a power of two >= 16 for the varlen kernel, got 48"):
+            run_varlen(kernels, case)
 
     def test_rejects_cu_query_lens_of_the_wrong_shape(self, kernels):
         case = make_case([3, 2], [3, 2])
