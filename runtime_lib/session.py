@@ -1,0 +1,227 @@
+"""TensorRT-LLM's `tensorrt_llm.runtime.Session`: one built engine that runs one forward step
+over a flattened batch, `run(inputs, outputs)`, plus (de)serialisation to bytes.
+
+The work is done by a backend behind a small seam (`SessionBackend`) so a TensorRT backend
+could slot in later; only the PyTorch backend ships.
+
+Inputs of `run` (names as TRT-LLM's, tokens flattened across B sequences, T tokens in all):
+    input_ids (T,) int64, position_ids (T,) int64, kv_cache (the paged pool),
+    query_lengths (B,) int32 new tokens per sequence, sequence_lengths (B,) int32 kv length
+    after this step, kv_cache_block_offsets (B, max_blocks) int32, logits_indices (N,) int64,
+    host_max_query_length / host_max_sequence_length (Python ints: no device sync),
+    optional slot_mapping (T,) int64 (derived on device when absent).
+Output: logits (N, vocab) float32.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+from .layers.attention import AttentionMetadata
+from .models import allocate_kv_cache, build_model, is_engine_dir, load_model
+
+SERIALIZED_MAGIC = b"RTLLMENG"
+SERIALIZED_FORMAT_VERSION = 1
+_HEADER = struct.Struct("<8sIQ")  # magic, format version, config-json byte length
+
+REQUIRED_INPUTS = ("input_ids", "position_ids", "kv_cache", "query_lengths", "sequence_lengths",
+                   "kv_cache_block_offsets", "logits_indices", "host_max_query_length",
+                   "host_max_sequence_length")
+OPTIONAL_INPUTS = ("slot_mapping",)
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+
+class SessionBackend(Protocol):
+    """What a Session needs from an execution backend."""
+
+    device: torch.device
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor,
+                meta: AttentionMetadata, logits_indices: torch.Tensor) -> torch.Tensor: ...
+
+    def state_dict(self) -> dict[str, torch.Tensor]: ...
+
+
+class TorchBackend:
+    """Runs one of runtime_lib.models' networks eagerly."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.device = next(model.parameters()).device
+
+    @torch.no_grad()  # not inference_mode: callers edit the returned logits in place
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor,
+                meta: AttentionMetadata, logits_indices: torch.Tensor) -> torch.Tensor:
+        hidden = self.model(input_ids, positions, kv_cache, meta)               # (T, H)
+        return self.model.compute_logits(hidden[logits_indices])                # (N, V) fp32
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
+
+
+class Session:
+    def __init__(self, backend: SessionBackend, model_config: ModelConfig,
+                 build_config: dict[str, Any] | None = None) -> None:
+        self._backend = backend
+        self._model_config = model_config
+        self._build_config = dict(build_config or {})
+
+    # --- construction -----------------------------------------------------------------------
+    @classmethod
+    def from_engine(cls, engine: Any, device: str | torch.device = "cpu",
+                    dtype: str | torch.dtype | None = None) -> Session:
+        """`engine`: an engine directory (runtime_lib.build) or an in-memory `build.Engine`."""
+        from .build import Engine
+
+        if isinstance(engine, Engine):
+            model = build_model(engine.model_config, engine.weights, device=device, dtype=dtype)
+            return cls(TorchBackend(model), model.config, engine.build_config)
+        engine_dir = Path(engine)
+        if not is_engine_dir(engine_dir):
+            raise ValueError(f"{engine_dir} is not an engine directory; build one with "
+                             f"`python -m runtime_lib.build` or use Session.from_dir")
+        return cls.from_dir(engine_dir, device=device, dtype=dtype)
+
+    @classmethod
+    def from_dir(cls, model_dir: str | Path, device: str | torch.device = "cpu",
+                 dtype: str | torch.dtype | None = None) -> Session:
+        """An engine directory or a plain HF checkpoint directory."""
+        model = load_model(model_dir, device=device, dtype=dtype)
+        build_config: dict[str, Any] = {}
+        if is_engine_dir(model_dir):
+            build_config = json.loads((Path(model_dir) / "config.json").read_text()).get("build_config", {})
+        return cls(TorchBackend(model), model.config, build_config)
+
+    @classmethod
+    def from_serialized_engine(cls, engine_bytes: bytes, device: str | torch.device = "cpu") -> Session:
+        from safetensors.torch import load as load_safetensors
+
+        view = memoryview(engine_bytes)
+        if len(view) < _HEADER.size:
+            raise ValueError(f"serialized engine is {len(view)} bytes, shorter than its {_HEADER.size}-byte header")
+        magic, version, config_len = _HEADER.unpack_from(view)
+        if magic != SERIALIZED_MAGIC:
+            raise ValueError(f"serialized engine has magic {magic!r}, expected {SERIALIZED_MAGIC!r}")
+        if version != SERIALIZED_FORMAT_VERSION:
+            raise ValueError(f"serialized engine format version {version} is not supported "
+                             f"(supported: {SERIALIZED_FORMAT_VERSION})")
+        start = _HEADER.size
+        config = json.loads(bytes(view[start:start + config_len]))
+        weights = load_safetensors(bytes(view[start + config_len:]))
+        model_config = ModelConfig.from_engine_config(dict(config["model_config"]))
+        model = build_model(model_config, weights, device=device)
+        return cls(TorchBackend(model), model.config, config.get("build_config", {}))
+
+    def serialize(self) -> bytes:
+        """Header + engine config JSON + safetensors weights; `from_serialized_engine` inverts it."""
+        from safetensors.torch import save as save_safetensors
+
+        from .build import RUNTIME_LIB_VERSION
+
+        config = json.dumps({"runtime_lib_version": RUNTIME_LIB_VERSION,
+                             "model_config": self._model_config.to_dict(),
+                             "build_config": self._build_config}, sort_keys=True).encode()
+        weights = save_safetensors(self._backend.state_dict(), metadata={"format": "pt"})
+        return _HEADER.pack(SERIALIZED_MAGIC, SERIALIZED_FORMAT_VERSION, len(config)) + config + weights
+
+    # --- properties -------------------------------------------------------------------------
+    @property
+    def model_config(self) -> ModelConfig:
+        return self._model_config
+
+    @property
+    def build_config(self) -> dict[str, Any]:
+        return dict(self._build_config)
+
+    @property
+    def model(self) -> nn.Module | None:
+        return getattr(self._backend, "model", None)
+
+    @property
+    def device(self) -> torch.device:
+        return self._backend.device
+
+    def allocate_kv_cache(self, num_blocks: int, block_size: int,
+                          dtype: str | torch.dtype | None = None) -> torch.Tensor:
+        """A zeroed KV pool on this session's device, in the model's dtype unless told."""
+        return allocate_kv_cache(self._model_config, num_blocks, block_size, self.device, dtype)
+
+    # --- execution --------------------------------------------------------------------------
+    def infer_shapes(self, inputs: list[TensorInfo]) -> list[TensorInfo]:
+        """Output shapes for the given input shapes: logits (N, vocab_size) float32."""
+        by_name = {info.name: info for info in inputs}
+        if "logits_indices" not in by_name:
+            raise ValueError(f"infer_shapes needs 'logits_indices'; got {sorted(by_name)}")
+        shape = tuple(by_name["logits_indices"].shape)
+        if len(shape) != 1:
+            raise ValueError(f"logits_indices must be 1-D (N,), got shape {shape}")
+        return [TensorInfo("logits", torch.float32, (shape[0], self._model_config.vocab_size))]
+
+    def run(self, inputs: dict[str, torch.Tensor | int], outputs: dict[str, torch.Tensor],
+            stream: Any = None) -> bool:
+        """One forward step; writes `outputs["logits"]` (N, V) float32 (in place if present)."""
+        missing = [n for n in REQUIRED_INPUTS if n not in inputs]
+        unknown = sorted(set(inputs) - set(REQUIRED_INPUTS) - set(OPTIONAL_INPUTS))
+        if missing or unknown:
+            parts = ([f"missing inputs {missing}"] if missing else []) + \
+                    ([f"unknown inputs {unknown}"] if unknown else [])
+            raise ValueError("Session.run: " + "; ".join(parts) +
+                             f"; expected {list(REQUIRED_INPUTS)} (+ optional {list(OPTIONAL_INPUTS)})")
+        ctx = torch.cuda.stream(stream) if stream is not None and self.device.type == "cuda" \
+            else contextlib.nullcontext()
+        with ctx:
+            meta = self._metadata(inputs)
+            logits = self._backend.forward(inputs["input_ids"], inputs["position_ids"], inputs["kv_cache"],
+                                           meta, inputs["logits_indices"])
+            out = outputs.get("logits")
+            if out is None:
+                outputs["logits"] = logits
+            else:
+                if tuple(out.shape) != tuple(logits.shape):
+                    raise ValueError(f"outputs['logits'] has shape {tuple(out.shape)}, "
+                                     f"expected {tuple(logits.shape)}")
+                out.copy_(logits)
+        return True
+
+    @staticmethod
+    def _metadata(inputs: dict[str, torch.Tensor | int]) -> AttentionMetadata:
+        """Tensors -> AttentionMetadata without a host sync: slot mapping derived on device."""
+        kv_cache = inputs["kv_cache"]
+        block_size = kv_cache.shape[3]
+        query_lens = inputs["query_lengths"]                                  # (B,)
+        seq_lens = inputs["sequence_lengths"]                                 # (B,)
+        block_tables = inputs["kv_cache_block_offsets"]                       # (B, max_blocks)
+        num_tokens = inputs["input_ids"].shape[0]
+        cu = F.pad(torch.cumsum(query_lens, 0), (1, 0)).to(torch.int32)       # (B+1,)
+        slot_mapping = inputs.get("slot_mapping")
+        if slot_mapping is None:
+            batch = torch.arange(query_lens.shape[0], device=query_lens.device)
+            seq_of_token = torch.repeat_interleave(batch, query_lens.long(), output_size=num_tokens)  # (T,)
+            offset = torch.arange(num_tokens, device=query_lens.device) - cu[seq_of_token]
+            kv_pos = (seq_lens - query_lens).long()[seq_of_token] + offset    # (T,) absolute kv position
+            block = block_tables.long()[seq_of_token, kv_pos // block_size]   # (T,)
+            slot_mapping = block * block_size + kv_pos % block_size
+        max_query_len = int(inputs["host_max_query_length"])
+        return AttentionMetadata(
+            query_lens=query_lens.to(torch.int32), context_lens=seq_lens.to(torch.int32),
+            block_tables=block_tables.to(torch.int32), slot_mapping=slot_mapping.long(),
+            max_query_len=max_query_len, max_context_len=int(inputs["host_max_sequence_length"]),
+            cu_query_lens=cu, is_decode=max_query_len == 1)
+
+
+__all__ = ["Session", "TensorInfo", "SessionBackend", "TorchBackend", "REQUIRED_INPUTS"]
