@@ -1,0 +1,510 @@
+"""`LLMEngine`: in-flight batching on one engine thread.
+
+Each iteration: take the scheduler's batch (prefill chunks and decode tokens mixed), run
+the model once over it, sample every row that finished its tokens with its own parameters,
+append, check stops, and hand each request its new tokens through its callback. Requests
+join and leave between iterations; `abort` frees a request's blocks at once. Beam-search
+requests run as their own group (a `GenerationSession` over the same weights), advanced one
+step per iteration beside the batch.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from .config import SamplingConfig
+from .kv_cache import BlocksManager
+from .model_step import StepRow, apply_block_copies, build_step_inputs
+from .sampling import SamplingParams, SamplingTensors, random_seed, sample
+from .scheduler import QueueFullError, RequestRejectedError, Scheduler, SchedulerConfig, SchedulerOutput
+from .sequence import Sequence, SequenceStatus
+from .session import Session
+from .stopping import StopWordsMatcher
+
+log = logging.getLogger(__name__)
+_MAX_SEED = 2**64 - 1
+
+
+class EngineBusyError(RuntimeError):
+    """The waiting queue is full: the server is busy, retry later."""
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model_dir: str
+    device: str | None = None                 # None: cuda if available, else cpu
+    dtype: str | None = None                  # None: the checkpoint's dtype
+    max_num_seqs: int = 64                    # rows in one step
+    max_num_batched_tokens: int = 2048        # token budget of one step (chunked prefill)
+    block_size: int = 16
+    num_kv_blocks: int | None = None          # None: sized from kv_cache_memory_fraction
+    kv_cache_memory_fraction: float = 0.9     # of free GPU memory (CPU: of max_num_seqs x max_seq_len)
+    enable_prefix_caching: bool = True
+    max_queue_size: int = 1024
+    max_seq_len: int | None = None            # None: the model's limit
+    scheduling_policy: str = "fcfs"           # "fcfs" | "priority"
+
+    def __post_init__(self) -> None:
+        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "max_queue_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
+            raise ValueError(f"num_kv_blocks must be >= 1 or None, got {self.num_kv_blocks}")
+        if not 0.0 < self.kv_cache_memory_fraction <= 1.0:
+            raise ValueError(f"kv_cache_memory_fraction must be in (0, 1], got {self.kv_cache_memory_fraction}")
+        if self.scheduling_policy not in ("fcfs", "priority"):
+            raise ValueError(f"scheduling_policy must be 'fcfs' or 'priority', got {self.scheduling_policy!r}")
+
+
+@dataclass(frozen=True)
+class RequestOutput:
+    """New tokens of one request (one sequence of it when n > 1) since its last output."""
+
+    request_id: str
+    sequence_index: int
+    new_token_ids: list[int]
+    new_log_probs: list[float] | None
+    cum_log_prob: float | None
+    finished: bool
+    finish_reason: str | None       # "stop" | "length" | "abort" | "error"
+    num_prompt_tokens: int
+    num_output_tokens: int
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    num_waiting: int
+    num_running: int
+    num_preempted_total: int
+    num_kv_blocks_total: int
+    num_kv_blocks_used: int
+    num_kv_blocks_free: int
+    prefix_cache_hit_rate: float
+    num_prompt_tokens_total: int
+    num_generated_tokens_total: int
+    num_steps_total: int
+    num_requests_active: int
+
+
+@dataclass
+class _RequestState:
+    """Per-sequence engine state, hung on `Sequence.data`."""
+
+    params: SamplingParams
+    on_output: Callable[[RequestOutput], None]
+    request_id: str
+    sequence_index: int
+    end_id: int
+    matcher: StopWordsMatcher | None
+    want_log_probs: bool
+    log_probs: list[float] = field(default_factory=list)
+    num_emitted: int = 0                     # output tokens already handed out
+    siblings: list[Sequence] = field(default_factory=list)  # n > 1: added once the prompt is cached
+    first_token_time: float | None = None
+
+
+class RequestStream:
+    """Iterator over a request's `RequestOutput`s (for callers without a callback)."""
+
+    def __init__(self, num_sequences: int = 1) -> None:
+        self._queue: queue.SimpleQueue[RequestOutput] = queue.SimpleQueue()
+        self._open = num_sequences
+
+    def put(self, out: RequestOutput) -> None:
+        self._queue.put(out)
+
+    def __iter__(self) -> Iterator[RequestOutput]:
+        while self._open:
+            out = self._queue.get()
+            if out.finished:
+                self._open -= 1
+            yield out
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, session: Session | None = None) -> None:
+        self.config = config
+        device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.session = session or Session.from_dir(config.model_dir, device=device, dtype=config.dtype)
+        self.model_config = mc = self.session.model_config
+        self.device = self.session.device
+        self.max_seq_len = min(config.max_seq_len or mc.max_seq_len, mc.max_seq_len)
+        self.max_input_len = min(mc.max_input_len, self.max_seq_len - 1)
+        self.tokenizer = _try_load_tokenizer(config.model_dir)
+        num_blocks = config.num_kv_blocks or self._default_num_blocks()
+        self.kv_cache = self.session.allocate_kv_cache(num_blocks, config.block_size)
+        self.blocks = BlocksManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(
+            SchedulerConfig(max_num_seqs=config.max_num_seqs,
+                            max_num_batched_tokens=max(config.max_num_batched_tokens, 1),
+                            max_waiting=config.max_queue_size),
+            self.blocks, policy=config.scheduling_policy)
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._beam_groups: list[_BeamGroup] = []
+        self._active: dict[str, list[Sequence]] = {}  # request id -> its unfinished sequences
+        self._stopped = False
+        self._num_prompt_tokens = 0
+        self._num_generated = 0
+        self._num_steps = 0
+        self._thread = threading.Thread(target=self._loop, name="llm-engine", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------ API
+    def add_request(self, request_id: str, prompt_ids: list[int], sampling: SamplingConfig, *,
+                    on_output: Callable[[RequestOutput], None] | None = None,
+                    priority: int = 0) -> RequestStream | None:
+        """Queue a request. Raises ValueError (bad input, naming the field) or EngineBusyError.
+        Outputs go to `on_output` (called on the engine thread: only enqueue there), or, without
+        it, to the returned `RequestStream`."""
+        prompt = self._check_prompt(prompt_ids, sampling)
+        n = 1 if sampling.num_beams > 1 else (sampling.num_return_sequences or 1)
+        stream = None
+        if on_output is None:
+            stream = RequestStream(n if sampling.num_beams == 1 else (sampling.num_return_sequences or 1))
+            on_output = stream.put
+        if sampling.num_beams > 1:
+            self._add_beam_request(request_id, prompt, sampling, on_output)
+            return stream
+        params = SamplingParams.list_from_config(sampling, 1)[0]
+        base_seed = params.seed if params.seed is not None else random_seed()
+        seqs = []
+        for i in range(n):
+            p = dataclasses.replace(params, seed=(base_seed + i) & _MAX_SEED)
+            seq = Sequence(request_id if n == 1 else f"{request_id}#{i}", list(prompt),
+                           max_tokens=sampling.max_new_tokens, priority=priority)
+            seq.data = _RequestState(
+                params=p, on_output=on_output, request_id=request_id, sequence_index=i,
+                end_id=-1 if sampling.ignore_eos else sampling.end_id,
+                matcher=StopWordsMatcher(p.stop_words) if p.stop_words else None,
+                want_log_probs=bool(sampling.output_log_probs or sampling.output_cum_log_probs))
+            seqs.append(seq)
+        seqs[0].data.siblings = seqs[1:]
+        with self._lock:
+            if self._stopped:
+                raise RuntimeError("engine is shut down")
+            if request_id in self._active or any(g.request_id == request_id for g in self._beam_groups):
+                raise ValueError(f"request_id {request_id!r} is already in flight")
+            try:
+                self.scheduler.add(seqs[0])
+            except QueueFullError as e:
+                raise EngineBusyError(str(e)) from None
+            except RequestRejectedError as e:
+                raise ValueError(str(e)) from None
+            self._active[request_id] = seqs
+            self._num_prompt_tokens += len(prompt) * n
+            self._wake.notify()
+        return stream
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a request (all its sequences) and free its blocks; it gets a final output with
+        finish_reason "abort". False if unknown or already finished."""
+        outputs = []
+        with self._lock:
+            seqs = self._active.pop(request_id, [])
+            found = bool(seqs)
+            for seq in seqs:  # n > 1 siblings not yet admitted are in this list too
+                self.scheduler.abort(seq.request_id)
+                seq.data.siblings = []
+                outputs.append(self._final_output(seq, "abort"))
+            for group in self._beam_groups:
+                if group.request_id == request_id:
+                    group.aborted = True
+                    found = True
+        self._emit(outputs)
+        return found
+
+    def shutdown(self) -> None:
+        with self._lock:
+            self._stopped = True
+            self._wake.notify()
+        self._thread.join(timeout=10)
+
+    def stats(self) -> EngineStats:
+        with self._lock:
+            b = self.blocks
+            return EngineStats(
+                num_waiting=self.scheduler.num_waiting, num_running=self.scheduler.num_running,
+                num_preempted_total=self.scheduler.num_preempted_total,
+                num_kv_blocks_total=b.num_blocks, num_kv_blocks_used=b.num_used_blocks,
+                num_kv_blocks_free=b.num_free_blocks, prefix_cache_hit_rate=b.hit_rate,
+                num_prompt_tokens_total=self._num_prompt_tokens,
+                num_generated_tokens_total=self._num_generated, num_steps_total=self._num_steps,
+                num_requests_active=len(self._active) + len(self._beam_groups))
+
+    def is_healthy(self) -> bool:
+        return self._thread.is_alive() and not self._stopped
+
+    # ------------------------------------------------------------- helpers
+    def _default_num_blocks(self) -> int:
+        mc, cfg = self.model_config, self.config
+        bytes_per_block = (2 * mc.num_layers * cfg.block_size * mc.num_kv_heads * mc.head_size
+                           * torch.finfo(mc.torch_dtype).bits // 8)
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            return max(1, int(free * cfg.kv_cache_memory_fraction) // bytes_per_block)
+        # CPU: room for every row at full length, scaled by the fraction.
+        per_seq = -(-self.max_seq_len // cfg.block_size)
+        return max(per_seq, int(cfg.max_num_seqs * per_seq * cfg.kv_cache_memory_fraction))
+
+    def _check_prompt(self, prompt_ids: list[int], sampling: SamplingConfig) -> list[int]:
+        prompt = [int(t) for t in prompt_ids]
+        if not prompt:
+            raise ValueError("input_ids is empty: a prompt needs at least one token")
+        V = self.model_config.vocab_size
+        bad = [t for t in prompt if not 0 <= t < V]
+        if bad:
+            raise ValueError(f"input_ids has token ids {bad[:5]} outside the vocabulary [0, {V})")
+        if len(prompt) > self.max_input_len:
+            raise ValueError(f"input_ids has {len(prompt)} tokens, more than the limit of "
+                             f"{self.max_input_len} (max_input_len)")
+        if len(prompt) + sampling.max_new_tokens > self.max_seq_len:
+            raise ValueError(f"request_output_len: {len(prompt)} prompt tokens + {sampling.max_new_tokens} "
+                             f"new tokens exceed max_seq_len={self.max_seq_len}")
+        if not -1 <= sampling.end_id < V:
+            raise ValueError(f"end_id must be in [-1, {V}), got {sampling.end_id}")
+        return prompt
+
+    def _final_output(self, seq: Sequence, reason: str, error: str | None = None) -> tuple:
+        st: _RequestState = seq.data
+        new = seq.output_token_ids[st.num_emitted:] if reason != "abort" else []
+        st.num_emitted += len(new)
+        lps = st.log_probs[len(st.log_probs) - len(new):] if st.want_log_probs and new else (
+            [] if st.want_log_probs else None)
+        return st.on_output, RequestOutput(
+            request_id=st.request_id, sequence_index=st.sequence_index, new_token_ids=new,
+            new_log_probs=lps, cum_log_prob=sum(st.log_probs) if st.want_log_probs else None,
+            finished=True, finish_reason=reason, num_prompt_tokens=seq.num_prompt_tokens,
+            num_output_tokens=seq.num_output_tokens, error=error)
+
+    @staticmethod
+    def _emit(outputs: list[tuple]) -> None:
+        for callback, out in outputs:
+            try:
+                callback(out)
+            except Exception:  # a consumer's failure must not stop the engine
+                log.exception("on_output callback failed for request %s", out.request_id)
+
+    # ---------------------------------------------------------------- loop
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                while not self._stopped and not self.scheduler.has_unfinished() and not self._beam_groups:
+                    self._wake.wait()
+                if self._stopped:
+                    outputs = []
+                    for rid, seqs in list(self._active.items()):
+                        for seq in seqs:
+                            self.scheduler.abort(seq.request_id)
+                            outputs.append(self._final_output(seq, "abort"))
+                    self._active.clear()
+                    break
+                sched = self.scheduler.schedule()
+            outputs = []
+            if not sched.is_empty:
+                try:
+                    outputs = self._run_step(sched)
+                except Exception as e:  # fail this step's requests, keep serving the rest
+                    log.exception("engine step failed")
+                    outputs = self._fail_step(sched, e)
+            if self._beam_groups:
+                outputs += self._advance_beam_groups()
+            self._emit(outputs)
+            if sched.is_empty and not self._beam_groups:
+                time.sleep(0.001)  # nothing fits right now (blocks held elsewhere): don't spin
+        self._emit(outputs)
+
+    def _run_step(self, sched: SchedulerOutput) -> list[tuple]:
+        apply_block_copies(self.kv_cache, sched.block_copies)
+        rows = [StepRow(s.token_ids, s.num_computed_tokens, list(s.seq.block_table), s.needs_logits)
+                for s in sched.scheduled]
+        inputs = build_step_inputs(rows, self.config.block_size, self.device)
+        inputs["kv_cache"] = self.kv_cache
+        out: dict[str, torch.Tensor] = {}
+        self.session.run(inputs, out)
+        sampled = [s.seq for s in sched.scheduled if s.needs_logits]
+        tokens, logprobs = self._sample(out["logits"], sampled) if sampled else ([], None)
+        outputs: list[tuple] = []
+        with self._lock:
+            self._num_steps += 1
+            self.scheduler.on_step_done(sched)
+            for i, seq in enumerate(sampled):
+                if seq.status is not SequenceStatus.RUNNING:
+                    continue  # aborted while the step ran
+                outputs += self._append(seq, tokens[i], None if logprobs is None else logprobs[i])
+        return outputs
+
+    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[float] | None]:
+        params = [s.data.params for s in seqs]
+        st = SamplingTensors.build(params, self.device)
+        steps = [s.num_output_tokens for s in seqs]
+        history = dict(prompt_ids=[s.prompt_token_ids for s in seqs],
+                       output_ids=[s.output_token_ids for s in seqs]) if st.needs_history else {}
+        res = sample(logits, st, steps=steps, **history)
+        return res.token_ids.tolist(), (res.logprobs.tolist() if res.logprobs is not None else None)
+
+    def _append(self, seq: Sequence, tok: int, log_prob: float | None) -> list[tuple]:
+        """Append one sampled token; finish or stream it. Caller holds the lock."""
+        st: _RequestState = seq.data
+        seq.append_token(tok)
+        self._num_generated += 1
+        if st.want_log_probs:
+            st.log_probs.append(float(log_prob) if log_prob is not None else 0.0)
+        outputs: list[tuple] = []
+        if st.first_token_time is None:
+            st.first_token_time = time.monotonic()
+            if st.siblings:  # n > 1: the prompt is computed (and cached): start the others
+                for sib in st.siblings:
+                    try:
+                        self.scheduler.add(sib)
+                    except RequestRejectedError as e:
+                        self._active[st.request_id].remove(sib)
+                        outputs.append(self._final_output(sib, "error", error=str(e)))
+                st.siblings = []
+        reason = None
+        num_held = 0
+        if tok == st.end_id:
+            reason = "stop"
+        elif st.matcher is not None:
+            check = st.matcher.push(tok)
+            if check.matched:
+                del seq.token_ids[len(seq.token_ids) - check.num_stop_tokens:]
+                if st.want_log_probs:
+                    del st.log_probs[seq.num_output_tokens:]
+                reason = "stop"
+            num_held = check.num_held
+        if reason is None and seq.num_output_tokens >= seq.max_tokens:
+            reason = "length"
+        if reason is not None:
+            self._finish(seq, SequenceStatus.FINISHED_STOPPED if reason == "stop"
+                         else SequenceStatus.FINISHED_LENGTH_CAPPED)
+            outputs.append(self._final_output(seq, reason))
+            return outputs
+        ready = seq.num_output_tokens - num_held
+        if ready > st.num_emitted:
+            new = seq.output_token_ids[st.num_emitted:ready]
+            lps = st.log_probs[st.num_emitted:ready] if st.want_log_probs else None
+            st.num_emitted = ready
+            outputs.append((st.on_output, RequestOutput(
+                request_id=st.request_id, sequence_index=st.sequence_index, new_token_ids=new,
+                new_log_probs=lps, cum_log_prob=sum(st.log_probs[:ready]) if st.want_log_probs else None,
+                finished=False, finish_reason=None, num_prompt_tokens=seq.num_prompt_tokens,
+                num_output_tokens=ready)))
+        return outputs
+
+    def _finish(self, seq: Sequence, status: SequenceStatus) -> None:
+        """Remove a sequence from the scheduler (freeing its blocks) and from its request."""
+        self.scheduler.finish(seq, status)
+        seqs = self._active.get(seq.data.request_id, [])
+        if seq in seqs:
+            seqs.remove(seq)
+        if not seqs:
+            self._active.pop(seq.data.request_id, None)
+
+    def _fail_step(self, sched: SchedulerOutput, error: Exception) -> list[tuple]:
+        outputs = []
+        with self._lock:
+            for s in sched.scheduled:
+                seq = s.seq
+                if self.scheduler.get(seq.request_id) is seq:
+                    self._finish(seq, SequenceStatus.FINISHED_ABORTED)
+                    outputs.append(self._final_output(seq, "error", error=f"{type(error).__name__}: {error}"))
+        return outputs
+
+    # ------------------------------------------------------------ beam groups
+    def _add_beam_request(self, request_id: str, prompt: list[int], sampling: SamplingConfig,
+                          on_output: Callable[[RequestOutput], None]) -> None:
+        from .generation import GenerationSession
+
+        mc = self.model_config
+        if sampling.num_beams > mc.max_beam_width:
+            raise ValueError(f"beam_width must be in [1, {mc.max_beam_width}], got {sampling.num_beams}")
+        gen = GenerationSession(mc, self.session)
+        gen.setup(1, len(prompt), sampling.max_new_tokens, sampling.num_beams)
+        scfg = sampling.copy()
+        scfg.update(return_dict=True, output_sequence_lengths=True, output_cum_log_probs=True,
+                    output_log_probs=True)
+        steps = gen.decode(torch.tensor(prompt), torch.tensor([len(prompt)]), scfg, streaming=True)
+        with self._lock:
+            if any(g.request_id == request_id for g in self._beam_groups):
+                raise ValueError(f"request_id {request_id!r} is already in flight")
+            self._beam_groups.append(_BeamGroup(request_id, len(prompt), steps, on_output,
+                                                sampling.num_return_sequences or 1, sampling.end_id))
+            self._num_prompt_tokens += len(prompt)
+            self._wake.notify()
+
+    def _advance_beam_groups(self) -> list[tuple]:
+        outputs = []
+        for group in list(self._beam_groups):
+            done = group.aborted
+            if not done:
+                try:
+                    group.last = next(group.steps)
+                except StopIteration:
+                    done = True
+                except Exception as e:
+                    log.exception("beam request %s failed", group.request_id)
+                    outputs += group.final(error=f"{type(e).__name__}: {e}")
+                    self._remove_group(group)
+                    continue
+            if done:
+                outputs += group.final()
+                with self._lock:
+                    self._num_generated += sum(len(o.new_token_ids) for _, o in outputs[-group.num_return:])
+                self._remove_group(group)
+        return outputs
+
+    def _remove_group(self, group: _BeamGroup) -> None:
+        with self._lock:
+            self._beam_groups.remove(group)
+            group.steps.close()  # frees the group's blocks (GenerationSession's finally)
+
+
+@dataclass
+class _BeamGroup:
+    """A beam-search request running in its own `GenerationSession`; beams are only final at
+    the end, so it streams one output per returned beam when done."""
+
+    request_id: str
+    num_prompt_tokens: int
+    steps: Iterator
+    on_output: Callable[[RequestOutput], None]
+    num_return: int
+    end_id: int
+    last: dict | None = None
+    aborted: bool = False
+
+    def final(self, error: str | None = None) -> list[tuple]:
+        if self.aborted or self.last is None or error:
+            reason = "error" if error else "abort"
+            return [(self.on_output, RequestOutput(self.request_id, i, [], None, None, True, reason,
+                                                   self.num_prompt_tokens, 0, error))
+                    for i in range(self.num_return)]
+        ids, lens = self.last["output_ids"][0], self.last["sequence_lengths"][0]  # (R, S), (R,)
+        cum = self.last.get("cum_log_probs")
+        lps = self.last.get("log_probs")
+        outs = []
+        for i in range(self.num_return):
+            n = int(lens[i]) - self.num_prompt_tokens
+            toks = ids[i, self.num_prompt_tokens:self.num_prompt_tokens + n].tolist()
+            outs.append((self.on_output, RequestOutput(
+                self.request_id, i, toks, lps[0, i, :n].tolist() if lps is not None else None,
+                float(cum[0, i]) if cum is not None else None, True,
+                "stop" if toks and toks[-1] == self.end_id else "length", self.num_prompt_tokens, n)))
+        return outs
+
+
+def _try_load_tokenizer(model_dir: str):
+    try:
+        from .tokenizer import load_tokenizer
+        return load_tokenizer(model_dir)
+    except Exception:  # engines without tokenizer files serve ids only
+        return None

@@ -1,0 +1,362 @@
+"""TensorRT-LLM's `GenerationSession`: static-batch decoding over the paged KV cache.
+
+`setup()` sizes the cache for a batch, `decode()` runs it to the end (`decode_regular`) or
+yields after every step (`decode_stream`). Rows of the batch are prompts x beams (or x
+`num_return_sequences` when sampling); finished rows leave the forward, beams stay until
+their prompt's search is done. Shares the forward (`model_step`), the block manager, the
+sampling, beam search and stopping code with `LLMEngine`.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from .beam_search import BeamSearch
+from .config import ModelConfig, SamplingConfig
+from .kv_cache import GenerationSequence, KVCacheManager
+from .logits_processor import LogitsProcessor
+from .mapping import Mapping
+from .model_step import StepRow, apply_block_copies, build_step_inputs
+from .sampling import SamplingParams, SamplingTensors, random_seed, sample
+from .session import Session
+from .stopping import StoppingCriteria, StopWordsMatcher
+
+_MAX_SEED = 2**64 - 1
+
+
+@dataclass
+class _Row:
+    """One decoding row (a prompt's beam or sample): its tokens and stop state."""
+
+    batch_idx: int
+    beam: int
+    prompt_len: int
+    output_ids: list[int] = field(default_factory=list)
+    log_probs: list[float] = field(default_factory=list)
+    finished: bool = False
+    matcher: StopWordsMatcher | None = None
+
+
+def _append_token(r: _Row, tok: int, log_prob: float | None, *, end_id: int, max_new_tokens: int) -> None:
+    """Record one sampled token and decide whether the row is finished. A matched stop
+    sequence is removed from the output (DESIGN §6); `end_id` stays, as TRT-LLM."""
+    r.output_ids.append(tok)
+    if log_prob is not None:
+        r.log_probs.append(log_prob)
+    if tok == end_id:
+        r.finished = True
+    elif r.matcher is not None and (check := r.matcher.push(tok)).matched:
+        del r.output_ids[len(r.output_ids) - check.num_stop_tokens:]
+        del r.log_probs[len(r.output_ids):]
+        r.finished = True
+    elif len(r.output_ids) >= max_new_tokens:
+        r.finished = True
+
+
+class GenerationSession:
+    """Static-batch generation with TensorRT-LLM's names and output shapes.
+
+    `engine` is a `Session` (or the bytes of a serialized one)."""
+
+    def __init__(self, model_config: ModelConfig, engine: Session | bytes, mapping: Mapping | None = None,
+                 debug_mode: bool = False, stream: object = None) -> None:
+        self.runtime = engine if isinstance(engine, Session) else Session.from_serialized_engine(engine)
+        self.model_config = model_config
+        self.mapping = mapping or Mapping()
+        self.debug_mode = debug_mode
+        self.device = self.runtime.device
+        self._kv_cache: torch.Tensor | None = None
+        self.batch_size = 0
+        self.max_context_length = 0
+        self.max_new_tokens = 0
+        self.beam_width = 1
+
+    # TRT-LLM's read-only properties
+    vocab_size = property(lambda self: self.model_config.vocab_size)
+    num_layers = property(lambda self: self.model_config.num_layers)
+    num_heads = property(lambda self: self.model_config.num_heads)
+    hidden_size = property(lambda self: self.model_config.hidden_size)
+    head_size = property(lambda self: self.model_config.head_size)
+    dtype = property(lambda self: self.model_config.torch_dtype)
+    remove_input_padding = property(lambda self: self.model_config.remove_input_padding)
+    paged_kv_cache = property(lambda self: True)
+    tokens_per_block = property(lambda self: self.model_config.tokens_per_block)
+    max_seq_len = property(lambda self: self.model_config.max_seq_len)
+    gather_context_logits = property(lambda self: self.model_config.gather_context_logits)
+    gather_generation_logits = property(lambda self: self.model_config.gather_generation_logits)
+
+    def setup(self, batch_size: int, max_context_length: int, max_new_tokens: int, beam_width: int = 1,
+              max_attention_window_size: int | None = None, sink_token_length: int | None = None,
+              lora_manager: object = None, lora_uids: list[str] | None = None, **_unused: object) -> None:
+        """Check the batch against the build limits and size the KV cache for it."""
+        cfg = self.model_config
+        if not 1 <= batch_size <= cfg.max_batch_size:
+            raise ValueError(f"batch_size must be in [1, {cfg.max_batch_size}] (max_batch_size), got {batch_size}")
+        if not 1 <= max_context_length <= cfg.max_input_len:
+            raise ValueError(f"max_context_length must be in [1, {cfg.max_input_len}] (max_input_len), "
+                             f"got {max_context_length}")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if max_context_length + max_new_tokens > cfg.max_seq_len:
+            raise ValueError(f"max_context_length + max_new_tokens ({max_context_length} + {max_new_tokens}) "
+                             f"must be <= max_seq_len ({cfg.max_seq_len})")
+        if not 1 <= beam_width <= max(cfg.max_beam_width, 1):
+            raise ValueError(f"beam_width must be in [1, {cfg.max_beam_width}] (max_beam_width), got {beam_width}")
+        self.batch_size, self.max_context_length = batch_size, max_context_length
+        self.max_new_tokens, self.beam_width = max_new_tokens, beam_width
+        bs = cfg.tokens_per_block
+        self.max_blocks_per_seq = -(-(max_context_length + max_new_tokens) // bs)
+        # Every beam may own all its blocks, plus one spare per beam for copy-on-write.
+        num_blocks = batch_size * beam_width * (self.max_blocks_per_seq + 1)
+        if self._kv_cache is None or self._kv_cache.shape[2] < num_blocks:
+            self._kv_cache = self.runtime.allocate_kv_cache(num_blocks, bs)
+
+    # ------------------------------------------------------------------ decode
+    def decode(self, input_ids: torch.Tensor, context_lengths: torch.Tensor, sampling_config: SamplingConfig,
+               prompt_embedding_table: torch.Tensor | None = None, tasks: torch.Tensor | None = None,
+               prompt_vocab_size: torch.Tensor | None = None, stop_words_list: object = None,
+               bad_words_list: object = None, streaming: bool = False, output_sequence_lengths: bool = False,
+               output_generation_logits: bool = False, return_dict: bool = False,
+               stopping_criteria: StoppingCriteria | None = None,
+               logits_processor: LogitsProcessor | None = None, **_unused: object):
+        """Generate for a batch. `input_ids` is packed (1-D, or [1, total]) when
+        `remove_input_padding`, else padded [batch, max_context_length]."""
+        scfg = sampling_config.copy()
+        if stop_words_list is not None:
+            scfg.stop_words_list = stop_words_list
+        if bad_words_list is not None:
+            scfg.bad_words_list = bad_words_list
+        prompts = self._split_prompts(input_ids, context_lengths)
+        if prompt_embedding_table is not None or tasks is not None:
+            raise NotImplementedError("prompt tuning tables are not supported by this session yet")
+        kwargs = dict(output_sequence_lengths=output_sequence_lengths or scfg.output_sequence_lengths,
+                      return_dict=return_dict or scfg.return_dict,
+                      output_generation_logits=output_generation_logits or self.gather_generation_logits,
+                      stopping_criteria=stopping_criteria, logits_processor=logits_processor)
+        if streaming:
+            return self.decode_stream(prompts, scfg, **kwargs)
+        return self.decode_regular(prompts, scfg, **kwargs)
+
+    def decode_regular(self, prompts: list[list[int]], scfg: SamplingConfig, **kwargs):
+        result = None
+        for result in self._generate(prompts, scfg, **kwargs):
+            pass
+        return result
+
+    def decode_stream(self, prompts: list[list[int]], scfg: SamplingConfig, **kwargs) -> Iterator:
+        yield from self._generate(prompts, scfg, stream=True, **kwargs)
+
+    def _split_prompts(self, input_ids: torch.Tensor, context_lengths: torch.Tensor) -> list[list[int]]:
+        lengths = [int(x) for x in torch.as_tensor(context_lengths).flatten().tolist()]
+        ids = torch.as_tensor(input_ids)
+        if ids.dim() == 2 and ids.shape[0] == len(lengths) and not (ids.shape[0] == 1 and len(lengths) > 1):
+            prompts = [ids[b, :n].tolist() for b, n in enumerate(lengths)]
+        else:
+            flat = ids.flatten().tolist()
+            if len(flat) != sum(lengths):
+                raise ValueError(f"input_ids holds {len(flat)} tokens but context_lengths sum to {sum(lengths)}")
+            prompts, start = [], 0
+            for n in lengths:
+                prompts.append(flat[start:start + n])
+                start += n
+        if len(prompts) != self.batch_size:
+            raise ValueError(f"got {len(prompts)} prompts but setup() was called with batch_size={self.batch_size}")
+        for b, p in enumerate(prompts):
+            if not p:
+                raise ValueError(f"prompt {b} is empty: context_lengths must be >= 1")
+            if len(p) > self.max_context_length:
+                raise ValueError(f"prompt {b} has {len(p)} tokens, more than max_context_length="
+                                 f"{self.max_context_length} given to setup()")
+        return prompts
+
+    def _generate(self, prompts: list[list[int]], scfg: SamplingConfig, *, stream: bool = False,
+                  output_sequence_lengths: bool, return_dict: bool, output_generation_logits: bool,
+                  stopping_criteria: StoppingCriteria | None, logits_processor: LogitsProcessor | None):
+        B = len(prompts)
+        V = self.vocab_size
+        use_beams = scfg.num_beams > 1
+        W = scfg.num_beams if use_beams else (scfg.num_return_sequences or 1)
+        if W > self.beam_width:
+            raise ValueError(f"{'num_beams' if use_beams else 'num_return_sequences'}={W} exceeds the "
+                             f"beam_width={self.beam_width} given to setup()")
+        max_new = min(scfg.max_new_tokens, self.max_new_tokens)
+        bs = self.tokens_per_block
+        device = self.device
+        max_prompt = max(len(p) for p in prompts)
+        S = max_prompt + max_new  # output width, as TRT-LLM: max_context_length + max_new_tokens
+        end_id = scfg.end_id
+
+        params = SamplingParams.list_from_config(scfg, B)
+        row_params = [self._row_params(params[b], i) for b in range(B) for i in range(W)]
+        rows = [_Row(b, i, len(prompts[b]),
+                     matcher=StopWordsMatcher(row_params[b * W + i].stop_words)
+                     if row_params[b * W + i].stop_words else None)
+                for b in range(B) for i in range(W)]
+        st = SamplingTensors.build(row_params, device) if not use_beams else None
+        beams = None
+        if use_beams:
+            beams = BeamSearch(B, W, end_id=end_id if not scfg.ignore_eos else -1, max_new_tokens=max_new,
+                               length_penalty=scfg.length_penalty, early_stopping=scfg.early_stopping,
+                               num_return_sequences=scfg.num_return_sequences or 1, pad_id=end_id,
+                               device=device)
+        # Token history per row, [R, S], padded with end_id: what logits processors and
+        # stopping criteria see (TRT-LLM passes its output_ids buffer, batch*beams rows).
+        ids_buf = torch.full((B * W, S), end_id, dtype=torch.int64, device=device)
+        for b, p in enumerate(prompts):
+            ids_buf[b * W:(b + 1) * W, :len(p)] = torch.tensor(p, device=device)
+        gen_logits: list[torch.Tensor] = []
+
+        kv = KVCacheManager(num_blocks=self._kv_cache.shape[2], tokens_per_block=bs,
+                            max_blocks_per_seq=self.max_blocks_per_seq, beam_width=W)
+        try:
+            copies = []
+            for b, p in enumerate(prompts):
+                copies += kv.add_sequence(GenerationSequence(b, b), len(p))
+            want_ctx = self.gather_context_logits
+            logits = self._forward([StepRow(p, 0, kv.get_block_table(b, 0), all_logits=want_ctx)
+                                    for b, p in enumerate(prompts)])
+            apply_block_copies(self._kv_cache, copies)
+            context_logits = None
+            if want_ctx:
+                context_logits = torch.zeros(B, max_prompt, V, device=device)
+                start = 0
+                for b, p in enumerate(prompts):
+                    context_logits[b, :len(p)] = logits[start:start + len(p)]
+                    start += len(p)
+                last = torch.tensor([sum(len(q) for q in prompts[:b + 1]) - 1 for b in range(B)], device=device)
+                logits = logits[last]
+            # (B, V) -> one row per beam / sample
+            logits = logits.repeat_interleave(W, dim=0) if W > 1 else logits
+
+            for step in range(max_new):
+                if output_generation_logits:
+                    gen_logits.append(logits.float().clone())
+                if logits_processor is not None:
+                    logits = logits_processor(step, ids_buf, logits)
+                if use_beams:
+                    tokens, parents = self._beam_step(beams, logits, rows, scfg, step)
+                    ids_buf = ids_buf[parents]
+                    for b in range(B):
+                        local = [int(p) - b * W for p in parents[b * W:(b + 1) * W].tolist()]
+                        apply_block_copies(self._kv_cache, kv.reorder_beams(b, local))
+                    for r, tok in zip(rows, tokens.tolist()):
+                        r.output_ids.append(tok)
+                    positions = torch.tensor([r.prompt_len + step for r in rows], device=device)
+                    ids_buf[torch.arange(B * W, device=device), positions] = tokens
+                    done = beams.is_done()
+                else:
+                    steps = [len(r.output_ids) for r in rows]
+                    history = dict(prompt_ids=[prompts[r.batch_idx] for r in rows],
+                                   output_ids=[r.output_ids for r in rows]) if st.needs_history else {}
+                    out = sample(logits, st, steps=steps, **history)
+                    lp_list = out.logprobs.tolist() if out.logprobs is not None else None
+                    for i, (r, tok) in enumerate(zip(rows, out.token_ids.tolist())):
+                        if not r.finished:
+                            ids_buf[i, r.prompt_len + len(r.output_ids)] = tok
+                            _append_token(r, tok, None if lp_list is None else lp_list[i],
+                                          end_id=-1 if scfg.ignore_eos else end_id, max_new_tokens=max_new)
+                    done = all(r.finished for r in rows)
+                if stopping_criteria is not None and stopping_criteria(step, ids_buf, logits):
+                    done = True
+                if done or step == max_new - 1:
+                    break
+                if stream:
+                    yield self._outputs(prompts, rows, beams, S, end_id, return_dict, output_sequence_lengths,
+                                        context_logits, gen_logits, scfg)
+                logits = self._next_logits(kv, rows, use_beams, W)
+            yield self._outputs(prompts, rows, beams, S, end_id, return_dict, output_sequence_lengths,
+                                context_logits, gen_logits, scfg)
+        finally:
+            kv.free_all()
+
+    def _next_logits(self, kv: KVCacheManager, rows: list[_Row], use_beams: bool, W: int) -> torch.Tensor:
+        """Run the next decode step. Beams: every row until the search is done (BeamSearch
+        wants all rows). Otherwise only unfinished rows; finished rows get zero logits."""
+        finished_batch = [all(r.finished for r in rows[b * W:(b + 1) * W]) and not use_beams
+                          for b in range(len(rows) // W)]
+        apply_block_copies(self._kv_cache, kv.step(finished_batch))
+        fed = [i for i, r in enumerate(rows) if use_beams or not finished_batch[r.batch_idx]]
+        # Rows of one prompt advance in lockstep in the cache; a finished sample of a prompt
+        # whose other samples still run is fed a filler token (its output is already final).
+        logits = self._forward([StepRow([rows[i].output_ids[-1] if not rows[i].finished else 0],
+                                        kv.sequence_length(rows[i].batch_idx) - 1,
+                                        kv.get_block_table(rows[i].batch_idx, rows[i].beam)) for i in fed])
+        if len(fed) == len(rows):
+            return logits
+        full = logits.new_zeros(len(rows), logits.shape[1])
+        full[torch.tensor(fed, device=logits.device)] = logits
+        return full
+
+    def _row_params(self, p: SamplingParams, i: int) -> SamplingParams:
+        """Per-sample params: `num_return_sequences` samples of one prompt need distinct noise,
+        so sample i uses seed + i (a prompt without a seed gets one random seed)."""
+        seed = p.seed if p.seed is not None else random_seed()
+        return dataclasses.replace(p, seed=(seed + i) & _MAX_SEED)
+
+    def _beam_step(self, beams: BeamSearch, logits: torch.Tensor, rows: list[_Row], scfg: SamplingConfig,
+                   step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        log_probs = torch.log_softmax(logits.float(), dim=-1)
+        min_len = scfg.per_row("min_length", self.batch_size)
+        ban = [step < min_len[r.batch_idx] for r in rows]
+        if any(ban) and scfg.end_id >= 0:
+            log_probs[torch.tensor(ban, device=log_probs.device), scfg.end_id] = float("-inf")
+        if scfg.ignore_eos and scfg.end_id >= 0:
+            log_probs[:, scfg.end_id] = float("-inf")
+        out = beams.step(log_probs)
+        return out.next_tokens, out.parent_beams
+
+    def _forward(self, step_rows: list[StepRow]) -> torch.Tensor:
+        inputs = build_step_inputs(step_rows, self.tokens_per_block, self.device)
+        inputs["kv_cache"] = self._kv_cache
+        outputs: dict[str, torch.Tensor] = {}
+        self.runtime.run(inputs, outputs)
+        return outputs["logits"]
+
+    def _outputs(self, prompts, rows, beams, S, end_id, return_dict, output_sequence_lengths,
+                 context_logits, gen_logits, scfg):
+        B = len(prompts)
+        device = self.device
+        if beams is not None:
+            res = beams.finalize()
+            R = res.output_ids.shape[1]
+            out_ids = torch.full((B, R, S), end_id, dtype=torch.int64, device=device)
+            seq_lens = torch.zeros(B, R, dtype=torch.int32, device=device)
+            for b, p in enumerate(prompts):
+                for r in range(R):
+                    n = int(res.sequence_lengths[b, r])
+                    out_ids[b, r, :len(p)] = torch.tensor(p, device=device)
+                    out_ids[b, r, len(p):len(p) + n] = res.output_ids[b, r, :n]
+                    seq_lens[b, r] = len(p) + n
+            cum = res.cum_log_probs
+            log_probs = res.log_probs
+        else:
+            W = len(rows) // B
+            out_ids = torch.full((B, W, S), end_id, dtype=torch.int64, device=device)
+            seq_lens = torch.zeros(B, W, dtype=torch.int32, device=device)
+            log_probs = torch.zeros(B, W, S - max(len(p) for p in prompts), device=device)
+            for r in rows:
+                ids = prompts[r.batch_idx] + r.output_ids
+                out_ids[r.batch_idx, r.beam, :len(ids)] = torch.tensor(ids, device=device)
+                seq_lens[r.batch_idx, r.beam] = len(ids)
+                if r.log_probs:
+                    n = min(len(r.log_probs), log_probs.shape[2])
+                    log_probs[r.batch_idx, r.beam, :n] = torch.tensor(r.log_probs[:n], device=device)
+            cum = log_probs.sum(-1)
+        if not (return_dict or output_sequence_lengths):
+            return out_ids
+        result = {"output_ids": out_ids, "sequence_lengths": seq_lens}
+        if return_dict:
+            if scfg.output_log_probs:
+                result["log_probs"] = log_probs
+            if scfg.output_cum_log_probs:
+                result["cum_log_probs"] = cum
+            if context_logits is not None:
+                result["context_logits"] = context_logits
+            if gen_logits:
+                W = out_ids.shape[1] if beams is None else self.beam_width
+                g = torch.stack(gen_logits, dim=1)  # (B*W, steps, V)
+                result["generation_logits"] = g.view(B, -1, g.shape[1], g.shape[2])
+        return result

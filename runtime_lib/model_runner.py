@@ -1,0 +1,159 @@
+"""TensorRT-LLM's `ModelRunner`: the high-level offline API over `GenerationSession`.
+
+    runner = ModelRunner.from_dir("engine_or_hf_checkpoint_dir")
+    out = runner.generate([torch.tensor(ids)], max_new_tokens=32, end_id=2, pad_id=2)
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import ModelConfig, SamplingConfig
+from .generation import GenerationSession
+from .logits_processor import LogitsProcessor
+from .mapping import Mapping
+from .session import Session
+from .stopping import StoppingCriteria
+
+
+class ModelRunner:
+    def __init__(self, session: GenerationSession, max_batch_size: int, max_input_len: int,
+                 max_seq_len: int, max_beam_width: int, lora_manager: Any = None) -> None:
+        self.session = session
+        self.max_batch_size = max_batch_size
+        self.max_input_len = max_input_len
+        self.max_seq_len = max_seq_len
+        self.max_beam_width = max_beam_width
+        self.lora_manager = lora_manager
+        self.mapping = session.mapping
+
+    # ------------------------------------------------------------ constructors
+    @classmethod
+    def from_engine(cls, engine: Session | str | Path, lora_dir: str | None = None, rank: int = 0,
+                    debug_mode: bool = False, stream: Any = None, device: str | None = None,
+                    **_unused: Any) -> ModelRunner:
+        """From a `Session` (or an engine directory written by `runtime_lib.build`)."""
+        if lora_dir is not None:
+            raise NotImplementedError("LoRA adapters are not supported yet (lora_dir given)")
+        if rank != 0:
+            raise ValueError(f"rank must be 0 (tensor parallelism is not supported yet), got {rank}")
+        session = engine if isinstance(engine, Session) else Session.from_engine(engine, device=device or _default_device())
+        cfg = session.model_config
+        gen = GenerationSession(cfg, session, Mapping(), debug_mode=debug_mode, stream=stream)
+        return cls(gen, cfg.max_batch_size, cfg.max_input_len, cfg.max_seq_len, cfg.max_beam_width)
+
+    @classmethod
+    def from_dir(cls, engine_dir: str | Path, lora_dir: str | None = None, rank: int = 0,
+                 debug_mode: bool = False, stream: Any = None, device: str | None = None,
+                 dtype: str | None = None, **_unused: Any) -> ModelRunner:
+        """From an engine directory or a plain Hugging Face checkpoint directory."""
+        if not Path(engine_dir).is_dir():
+            raise FileNotFoundError(f"engine_dir {str(engine_dir)!r} is not a directory")
+        session = Session.from_dir(engine_dir, device=device or _default_device(), dtype=dtype)
+        return cls.from_engine(session, lora_dir=lora_dir, rank=rank, debug_mode=debug_mode, stream=stream)
+
+    # -------------------------------------------------------------- properties
+    @property
+    def model_config(self) -> ModelConfig:
+        return self.session.model_config
+
+    dtype = property(lambda self: self.model_config.torch_dtype)
+    vocab_size = property(lambda self: self.model_config.vocab_size)
+    vocab_size_padded = property(lambda self: self.model_config.vocab_size)
+    hidden_size = property(lambda self: self.model_config.hidden_size)
+    num_heads = property(lambda self: self.model_config.num_heads)
+    num_layers = property(lambda self: self.model_config.num_layers)
+    max_sequence_length = property(lambda self: self.model_config.max_seq_len)
+    remove_input_padding = property(lambda self: self.model_config.remove_input_padding)
+    use_lora_plugin = property(lambda self: False)
+    max_prompt_embedding_table_size = property(lambda self: 0)
+    gather_context_logits = property(lambda self: self.model_config.gather_context_logits)
+    gather_generation_logits = property(lambda self: self.model_config.gather_generation_logits)
+
+    # ---------------------------------------------------------------- generate
+    def generate(self, batch_input_ids: list[torch.Tensor], position_ids: Any = None,
+                 sampling_config: SamplingConfig | None = None, prompt_table: Any = None,
+                 prompt_tasks: Any = None, lora_uids: list[str] | None = None, streaming: bool = False,
+                 stopping_criteria: StoppingCriteria | None = None,
+                 logits_processor: LogitsProcessor | None = None, **kwargs: Any):
+        """Generate for a list of 1-D prompt tensors. Returns `output_ids` [batch, beams,
+        max_input_len + max_new_tokens] padded with end_id, or a dict when `return_dict` /
+        `output_sequence_lengths`; with `streaming=True` a generator of those, one per step."""
+        if prompt_table is not None or prompt_tasks is not None:
+            self._check_prompt_table(prompt_table, prompt_tasks, len(batch_input_ids))
+            raise NotImplementedError("prompt tuning tables are not supported yet (prompt_table given)")
+        if lora_uids is not None:
+            if len(lora_uids) != len(batch_input_ids):
+                raise ValueError(f"lora_uids must have one entry per prompt ({len(batch_input_ids)}), "
+                                 f"got {len(lora_uids)}")
+            if any(str(u) not in ("-1", "None") for u in lora_uids):
+                raise NotImplementedError("LoRA adapters are not supported yet (lora_uids given)")
+        if position_ids is not None:
+            raise NotImplementedError("custom position_ids are not supported")
+        scfg = self._sampling_config(sampling_config, kwargs)
+        prompts = self._check_inputs(batch_input_ids, scfg)
+        lengths = torch.tensor([len(p) for p in prompts], dtype=torch.int32)
+        packed = torch.tensor([t for p in prompts for t in p], dtype=torch.int32)
+        beam_width = max(scfg.num_beams, scfg.num_return_sequences or 1)
+        self.session.setup(len(prompts), int(lengths.max()), scfg.max_new_tokens, beam_width)
+        return self.session.decode(packed, lengths, scfg, streaming=streaming,
+                                   stopping_criteria=stopping_criteria, logits_processor=logits_processor,
+                                   return_dict=scfg.return_dict,
+                                   output_sequence_lengths=scfg.output_sequence_lengths)
+
+    def _sampling_config(self, sampling_config: SamplingConfig | None, kwargs: dict) -> SamplingConfig:
+        if sampling_config is None:
+            cfg = self.model_config
+            end_id = kwargs.pop("end_id", cfg.eos_token_id)
+            pad_id = kwargs.pop("pad_id", cfg.pad_token_id if cfg.pad_token_id is not None else end_id)
+            if end_id is None:
+                raise ValueError("end_id is required: pass it (or a sampling_config); the model config has "
+                                 "no eos_token_id")
+            sampling_config = SamplingConfig(end_id=end_id, pad_id=pad_id)
+        else:
+            sampling_config = sampling_config.copy()
+        unused = sampling_config.update(**kwargs)
+        if unused:
+            raise ValueError(f"unknown sampling arguments {sorted(unused)}")
+        return sampling_config
+
+    def _check_inputs(self, batch_input_ids: list[torch.Tensor], scfg: SamplingConfig) -> list[list[int]]:
+        if isinstance(batch_input_ids, torch.Tensor):
+            batch_input_ids = list(batch_input_ids) if batch_input_ids.dim() == 2 else [batch_input_ids]
+        if not batch_input_ids:
+            raise ValueError("batch_input_ids is empty: pass at least one prompt")
+        if len(batch_input_ids) > self.max_batch_size:
+            raise ValueError(f"batch of {len(batch_input_ids)} prompts exceeds max_batch_size={self.max_batch_size}")
+        prompts = []
+        for b, ids in enumerate(batch_input_ids):
+            ids = torch.as_tensor(ids)
+            if ids.dim() != 1:
+                raise ValueError(f"batch_input_ids[{b}] must be 1-D, got shape {tuple(ids.shape)}")
+            if ids.numel() == 0:
+                raise ValueError(f"batch_input_ids[{b}] is empty: prompts need at least one token")
+            if ids.numel() > self.max_input_len:
+                raise ValueError(f"batch_input_ids[{b}] has {ids.numel()} tokens, more than "
+                                 f"max_input_len={self.max_input_len}")
+            lst = ids.tolist()
+            bad = [t for t in lst if not 0 <= t < self.vocab_size]
+            if bad:
+                raise ValueError(f"batch_input_ids[{b}] has token ids {bad[:5]} outside [0, {self.vocab_size})")
+            if len(lst) + scfg.max_new_tokens > self.max_seq_len:
+                raise ValueError(f"batch_input_ids[{b}] has {len(lst)} tokens; with max_new_tokens="
+                                 f"{scfg.max_new_tokens} that exceeds max_seq_len={self.max_seq_len}")
+            prompts.append(lst)
+        if max(scfg.num_beams, scfg.num_return_sequences or 1) > self.max_beam_width:
+            raise ValueError(f"num_beams / num_return_sequences must be <= max_beam_width={self.max_beam_width}")
+        return prompts
+
+    def _check_prompt_table(self, prompt_table: Any, prompt_tasks: Any, batch_size: int) -> None:
+        table = torch.as_tensor(prompt_table) if prompt_table is not None else None
+        if table is not None and (table.dim() not in (2, 3) or table.shape[-1] != self.hidden_size):
+            raise ValueError(f"prompt_table must be [tasks, vocab, hidden={self.hidden_size}] or "
+                             f"[vocab, hidden], got shape {tuple(table.shape)}")
+
+
+def _default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
