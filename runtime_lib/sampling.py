@@ -381,9 +381,14 @@ def _sample_rows(x: torch.Tensor, st: SamplingTensors, temperature: torch.Tensor
                          log_min_p if st.has_min_p else None, is_sorted=idx is not None)
     if keep is not None:
         vals = vals.masked_fill(~keep, -math.inf)
+    # Exponential race: argmax(p_i / E_i) == argmax(logit_i + Gumbel_i); normalisation-free.
+    if x.is_cuda:  # one fused pass; the torch form below materialises ~15 (S, K) temporaries
+        from runtime_lib.kernels.sampling import gumbel_argmax
+
+        choice = gumbel_argmax(vals.contiguous(), seeds, steps, None if idx is None else idx.contiguous())
+        return choice if idx is None else idx.gather(1, choice[:, None]).squeeze(1)
     if idx is None:
         idx = torch.arange(V, device=x.device).expand(S, V)  # (S, V)
-    # Exponential race: argmax(p_i / E_i) == argmax(logit_i + Gumbel_i); normalisation-free.
     choice = (vals + gumbel_noise(seeds, steps, idx)).argmax(dim=-1, keepdim=True)  # (S, 1)
     return idx.gather(1, choice).squeeze(1)
 
