@@ -3,6 +3,7 @@ network as the HF checkpoint it came from; Session.run validates its named input
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -93,6 +94,20 @@ def test_session_logits_match_hf(llama_dir):
     with torch.no_grad():
         ref = torch.cat([hf(torch.tensor([p])).logits[0] for p in PROMPTS])
     torch.testing.assert_close(logits, ref, atol=1e-4, rtol=0)
+
+
+def test_engine_weights_are_loaded_strictly(engine_dir, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "broken"
+    shutil.copytree(engine_dir, broken)
+    weights = load_file(str(broken / "rank0.safetensors"))
+    del weights["layers.1.self_attn.o_proj.weight"]
+    weights["layers.0.mlp.extra.weight"] = torch.zeros(3)
+    save_file(weights, str(broken / "rank0.safetensors"))
+    with pytest.raises(ValueError, match=r"missing weights \['layers\.1\.self_attn\.o_proj\.weight'\]; "
+                                         r"unexpected weights \['layers\.0\.mlp\.extra\.weight'\]"):
+        load_model(broken)
 
 
 def test_serialized_engine_round_trips_exactly(engine_dir):

@@ -51,7 +51,8 @@ class PagedRunner:
 
     def __init__(self, model: torch.nn.Module, seed: int = 0) -> None:
         self.model = model
-        self.kv_cache = allocate_kv_cache(model.config, NUM_BLOCKS, BLOCK_SIZE)
+        self.device = next(model.parameters()).device
+        self.kv_cache = allocate_kv_cache(model.config, NUM_BLOCKS, BLOCK_SIZE, device=self.device)
         self.free_blocks = list(range(NUM_BLOCKS))
         random.Random(seed).shuffle(self.free_blocks)
         self.tables: dict[int, list[int]] = {}
@@ -73,9 +74,10 @@ class PagedRunner:
             query_lens.append(len(chunk))
             context_lens.append(end)
             tables.append(list(table))
-        meta = AttentionMetadata.build(query_lens, context_lens, tables, BLOCK_SIZE)
+        meta = AttentionMetadata.build(query_lens, context_lens, tables, BLOCK_SIZE, device=self.device)
         with torch.no_grad():
-            hidden = self.model(torch.tensor(input_ids), torch.tensor(positions), self.kv_cache, meta)
+            hidden = self.model(torch.tensor(input_ids, device=self.device),
+                                torch.tensor(positions, device=self.device), self.kv_cache, meta)
             logits = self.model.compute_logits(hidden)                      # (T, V)
         assert logits.dtype == torch.float32
         return dict(zip(chunks, logits.split(query_lens)))
@@ -234,3 +236,20 @@ def test_kv_cache_layout(llama_dir):
     assert kv.dtype == torch.bfloat16 and not kv.any()
     with pytest.raises(ValueError, match="num_blocks must be >= 1, got 0"):
         allocate_kv_cache(config, num_blocks=0, block_size=4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_matches_cpu(any_family_checkpoint):
+    family, ckpt = any_family_checkpoint
+    torch.backends.cuda.matmul.allow_tf32 = False
+    prompts = dict(enumerate(PROMPTS))
+    cpu = PagedRunner(load_model(ckpt)).step(prompts)
+    gpu_runner = PagedRunner(load_model(ckpt, device="cuda"))
+    gpu = gpu_runner.step(prompts)
+    assert gpu_runner.kv_cache.is_cuda and gpu[0].is_cuda
+    for i in prompts:
+        torch.testing.assert_close(gpu[i].cpu(), cpu[i], atol=1e-3, rtol=0)
+    bf16 = PagedRunner(load_model(ckpt, device="cuda", dtype="bf16")).step(prompts)
+    for i in prompts:
+        assert (bf16[i].cpu() - cpu[i]).abs().max() < 0.05 * cpu[i].abs().max()
