@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import math
 import os
 import platform
 import sys
@@ -314,64 +315,59 @@ def run_prefill_bench(report: Report, quick: bool) -> None:
         torch.cuda.empty_cache()
 
 
+def _sweep(report: Report, kernel: str, shapes: list[tuple[str, PagedBatch]], configs: list, timer, launch) -> None:
+    """Time every config on every shape; rank configs by geometric-mean slowdown vs each shape's best."""
+    times: dict[int, dict[str, float]] = {i: {} for i in range(len(configs))}
+    for name, b in shapes:
+        out = torch.empty_like(b.q)
+        for i, tuning in enumerate(configs):
+            try:
+                times[i][name] = timer(lambda: launch(b, out, tuning))
+            except Exception as exc:  # e.g. out of shared memory for a big tile
+                print(f"    skip {tuning} on {name}: {type(exc).__name__}")
+        del out
+    best = {name: min(t[name] for t in times.values() if name in t) for name, _ in shapes}
+    ranked = sorted((math.exp(sum(math.log(t[n] / best[n]) for n in best) / len(best)), i)
+                    for i, t in times.items() if len(t) == len(best))
+    print(f"\n{kernel} launch sweep: best per shape (µs): " + ", ".join(f"{n} {us:.1f}" for n, us in best.items()))
+    for slowdown, i in ranked[:5]:
+        print(f"  {slowdown:5.3f}x of best  {asdict(configs[i])}  " +
+              " ".join(f"{times[i][n]:.1f}" for n in best))
+    report.sweep.append({"kernel": kernel, "best_us": best,
+                         "ranked": [{"geomean_slowdown": sl, **asdict(configs[i]), "us": times[i]}
+                                    for sl, i in ranked]})
+
+
 def run_sweep(report: Report) -> None:
     from runtime_lib.kernels.paged_attention import DecodeTuning, paged_decode_attention
     from runtime_lib.kernels.varlen_attention import VarlenTuning, paged_varlen_attention
 
-    print("\nvarlen launch sweep (µs; best first per shape):")
-    for name, qlens, clens in [("1 x 2048 prompt", [2048], [2048]),
-                               ("4 x 512 chunk on 3584 prefix", [512] * 4, [4096] * 4)]:
-        b = make_paged_batch(qlens, clens)
+    def varlen_launch(b: PagedBatch, out: torch.Tensor, tuning: VarlenTuning) -> None:
         m = b.meta
-        out = torch.empty_like(b.q)
-        results = []
-        for max_block_m in (64, 128):
-            for block_n in (32, 64, 128):
-                for num_warps in (4, 8):
-                    for num_stages in (2, 3, 4):
-                        tuning = VarlenTuning(max_block_m, block_n, num_warps, num_stages)
+        paged_varlen_attention(b.q, b.kv, m.block_tables, m.context_lens, m.cu_query_lens, m.max_query_len,
+                               b.scale, max_context_len=m.max_context_len, out=out, tuning=tuning)
 
-                        def call():
-                            paged_varlen_attention(b.q, b.kv, m.block_tables, m.context_lens, m.cu_query_lens,
-                                                   m.max_query_len, b.scale, out=out, tuning=tuning)
-                        try:
-                            results.append((bench_us(call), asdict(tuning)))
-                        except Exception as exc:  # e.g. out of shared memory for a big tile
-                            print(f"    skip {tuning}: {type(exc).__name__}")
-        results.sort(key=lambda r: r[0])
-        for us, cfg in results[:3]:
-            print(f"  {name:30s} {us:8.1f} µs  {cfg}")
-        report.sweep.append({"kernel": "varlen", "case": name, "top": [{"us": us, **cfg} for us, cfg in results[:5]]})
-        del b, out
-        torch.cuda.empty_cache()
+    shapes = [("1x2048", make_paged_batch([2048], [2048])),
+              ("8x512", make_paged_batch([512] * 8, [512] * 8)),
+              ("4x512@3584", make_paged_batch([512] * 4, [4096] * 4))]
+    configs = [VarlenTuning(bm, bn, w, st) for bm in (64, 128) for bn in (32, 64, 128) for w in (4, 8)
+               for st in (2, 3, 4)]
+    _sweep(report, "varlen", shapes, configs, bench_us, varlen_launch)
+    del shapes
+    torch.cuda.empty_cache()
 
-    print("\ndecode launch sweep (graph-replay µs; best first per shape):")
-    for B, ctx in [(1, 4096), (8, 1024), (64, 1024), (256, 4096)]:
-        b = make_paged_batch([1] * B, [ctx] * B)
+    def decode_launch(b: PagedBatch, out: torch.Tensor, tuning: DecodeTuning) -> None:
         m = b.meta
-        out = torch.empty_like(b.q)
-        results = []
-        for block_n in (32, 64, 128):
-            for num_warps in (2, 4, 8):
-                for num_stages in (2, 3):
-                    for max_part in (512, 1024, 2048):
-                        tuning = DecodeTuning(block_n, max_part, num_warps, num_stages)
+        paged_decode_attention(b.q, b.kv, m.block_tables, m.context_lens, b.scale, None, m.max_context_len,
+                               out=out, tuning=tuning)
 
-                        def call():
-                            paged_decode_attention(b.q, b.kv, m.block_tables, m.context_lens, b.scale, None,
-                                                   ctx, out=out, tuning=tuning)
-                        try:
-                            results.append((graph_us(call), asdict(tuning)))
-                        except Exception as exc:  # e.g. out of shared memory for a big tile
-                            print(f"    skip {tuning}: {type(exc).__name__}")
-        results.sort(key=lambda r: r[0])
-        kv_bytes = 2 * B * ctx * NUM_KV_HEADS * HEAD_SIZE * 2
-        for us, cfg in results[:3]:
-            print(f"  B={B:4d} ctx={ctx:5d}  {us:8.1f} µs  {kv_bytes / us / 1e3:6.0f} GB/s  {cfg}")
-        report.sweep.append({"kernel": "decode", "case": f"B={B} ctx={ctx}",
-                             "top": [{"us": us, **cfg} for us, cfg in results[:5]]})
-        del b, out
-        torch.cuda.empty_cache()
+    shapes = [(f"B{B}/{ctx}", make_paged_batch([1] * B, [ctx] * B))
+              for B in (1, 8, 64, 256) for ctx in (1024, 4096)]
+    configs = [DecodeTuning(bn, mp, w, st) for bn in (32, 64, 128) for mp in (512, 1024, 2048) for w in (2, 4)
+               for st in (2, 3)]
+    _sweep(report, "decode", shapes, configs, graph_us, decode_launch)
+    del shapes
+    torch.cuda.empty_cache()
 
 
 # ----------------------------------------------------------------------------- output
@@ -401,10 +397,12 @@ def markdown(report: Report) -> str:
         lines.append(f"| {r.case} | {r.tokens} | {r.triton_us:.1f} | {r.triton_tflops:.1f} | {r.torch_paged_us:.1f} "
                      f"| {sdpa} |")
     if report.sweep:
-        lines += ["", "## Launch sweeps (µs, top 5)", ""]
+        lines += ["", "## Launch sweeps: top configs by geometric-mean slowdown vs each shape's best", ""]
         for s in report.sweep:
-            lines.append(f"- {s['kernel']} {s['case']}: " + "; ".join(
-                f"{t['us']:.1f} µs " + " ".join(f"{k}={v}" for k, v in t.items() if k != "us") for t in s["top"]))
+            lines.append(f"- {s['kernel']}, best µs per shape: {s['best_us']}")
+            lines += [f"  - {r['geomean_slowdown']:.3f}x: " + " ".join(f"{k}={v}" for k, v in r.items()
+                                                                     if k not in ("geomean_slowdown", "us"))
+                      for r in s["ranked"][:5]]
     return "\n".join(lines) + "\n"
 
 

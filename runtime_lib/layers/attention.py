@@ -12,6 +12,7 @@ of each new token so writes are one `index_copy_`.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -118,4 +119,18 @@ def paged_attention(q: torch.Tensor, kv_layer: torch.Tensor, meta: AttentionMeta
 
     Dispatch lives here so faster backends (Triton paged-decode / varlen-prefill kernels on
     GPU) slot in behind the same call; the plain-torch path is the portable reference."""
+    if q.is_cuda:
+        triton_attention = _triton_attention()
+        if triton_attention is not None:
+            return triton_attention(q, kv_layer, meta, scale, sliding_window)
     return paged_attention_torch(q, kv_layer, meta, scale, sliding_window)
+
+
+@functools.cache
+def _triton_attention():
+    """runtime_lib.kernels' entry point, imported on first CUDA call; None without triton."""
+    try:
+        from runtime_lib.kernels.attention_dispatch import paged_attention_triton
+    except ImportError:
+        return None
+    return paged_attention_triton

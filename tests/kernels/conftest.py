@@ -20,14 +20,16 @@ triton = pytest.importorskip("triton")
 def kernels() -> types.SimpleNamespace:
     from triton.runtime.interpreter import InterpretedFunction
 
-    from runtime_lib.kernels import paged_attention, varlen_attention
+    from runtime_lib.kernels import attention_dispatch, paged_attention, varlen_attention
 
     if not isinstance(paged_attention._decode_partition_kernel, InterpretedFunction):
         paged_attention = importlib.reload(paged_attention)
         varlen_attention = importlib.reload(varlen_attention)
+        attention_dispatch = importlib.reload(attention_dispatch)
     assert isinstance(paged_attention._decode_partition_kernel, InterpretedFunction)
     assert isinstance(varlen_attention._varlen_kernel, InterpretedFunction)
     return types.SimpleNamespace(decode=paged_attention.paged_decode_attention,
                                  varlen=varlen_attention.paged_varlen_attention,
                                  choose_partition_size=paged_attention.choose_partition_size,
-                                 DecodeTuning=paged_attention.DecodeTuning)
+                                 DecodeTuning=paged_attention.DecodeTuning,
+                                 dispatch=attention_dispatch.paged_attention_triton)

@@ -213,3 +213,26 @@ class TestVarlen:
         with pytest.raises(ValueError, match=r"cu_query_lens must be int32 of shape \(B\+1,\)=\(3,\)"):
             kernels.varlen(case.q, case.kv_poisoned, m.block_tables, m.context_lens, m.cu_query_lens[:2],
                            m.max_query_len, case.scale)
+
+
+class TestDispatch:
+    """`paged_attention_triton` is what `layers.attention.paged_attention` calls on CUDA tensors."""
+
+    @pytest.mark.parametrize("query_lens,context_lens", [([1, 1, 1], [5, 40, 70]), ([1, 12, 1], [33, 20, 3])],
+                             ids=["decode", "mixed"])
+    def test_decode_and_mixed_steps_match_the_torch_path(self, kernels, query_lens, context_lens):
+        case = make_case(query_lens, context_lens, num_heads=4, num_kv_heads=2)
+        assert case.meta.is_decode == (max(query_lens) == 1)
+        out = kernels.dispatch(case.q, case.kv_poisoned, case.meta, case.scale, 9)
+        assert_close(out, case.reference(9), torch.float32)
+
+    def test_metadata_without_cu_query_lens(self, kernels):
+        case = make_case([4, 1], [10, 30])
+        case.meta.cu_query_lens = None
+        assert_close(kernels.dispatch(case.q, case.kv_poisoned, case.meta, case.scale), case.reference(),
+                     torch.float32)
+
+    def test_head_size_outside_the_kernels_falls_back_to_torch(self, kernels):
+        case = make_case([3, 1], [3, 20], head_size=48)
+        out = kernels.dispatch(case.q, case.kv_clean, case.meta, case.scale)
+        torch.testing.assert_close(out, case.reference())
