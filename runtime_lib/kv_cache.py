@@ -376,7 +376,9 @@ class KVCacheManager:
         """Beam b takes over the cache of beam `parent_beam_of_each_beam[b]`: full blocks are
         shared, the partial last block is taken over by one child and copied for the others.
         Parents nobody picked lend their (private) last blocks as copy targets, so a reorder
-        needs no free blocks. Execute the returned copies before the next forward."""
+        needs no free blocks; where none is left (beams that shared one partial block) the
+        child shares its parent's block and `step()` copies it on write. Execute the returned
+        copies before the next forward."""
         row = self._check_row(batch_idx)
         parents = list(parent_beam_of_each_beam)
         if len(parents) != self.beam_width or any(not 0 <= p < self.beam_width for p in parents):
@@ -408,13 +410,13 @@ class KVCacheManager:
                 dst = spare.pop() if spare else None
                 if dst is None:
                     got = self.blocks_manager.allocate(1)
-                    if got is None:
-                        self.blocks_manager.free(fresh)
-                        raise OutOfBlocksError(f"KV cache out of blocks reordering beams of batch_idx {row}")
-                    dst = got[0]
-                    fresh.append(dst)
-                copies.append(BlockCopy(src=table[-1], dst=dst))
-                table[-1] = dst
+                    if got is not None:
+                        dst = got[0]
+                        fresh.append(dst)
+                if dst is not None:
+                    copies.append(BlockCopy(src=table[-1], dst=dst))
+                    table[-1] = dst
+                # else: the child shares the parent's partial block; step() copies it on write.
             new.append(table)
         # Every block of the new tables gains a reference (fresh ones already hold theirs),
         # then the old tables drop theirs: kept and spare blocks end where they should.

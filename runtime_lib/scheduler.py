@@ -160,6 +160,30 @@ class Scheduler:
         self.waiting.append(seq)
         self._requests[seq.request_id] = seq
 
+    def fork(self, parent: Sequence, request_id: str, data: Any = None) -> Sequence:
+        """A running copy of `parent` sharing all its blocks (n > 1 samples after a shared
+        prefill); the first write into a shared partial block is copied on write. Counts
+        toward `max_num_seqs`."""
+        if parent.status is not SequenceStatus.RUNNING or self._requests.get(parent.request_id) is not parent:
+            raise ValueError(f"only a running sequence can be forked; {parent.request_id!r} is "
+                             f"{parent.status.value}")
+        if request_id in self._requests:
+            raise ValueError(f"request_id {request_id!r} is already scheduled")
+        if len(self.running) >= self.config.max_num_seqs:
+            raise ValueError(f"cannot fork {parent.request_id!r}: {len(self.running)} running sequences "
+                             f"already reach max_num_seqs={self.config.max_num_seqs}")
+        child = Sequence(request_id=request_id, token_ids=list(parent.token_ids),
+                         max_tokens=parent.max_tokens, priority=parent.priority,
+                         arrival_time=parent.arrival_time, cache_salt=parent.cache_salt, data=data,
+                         num_prompt_tokens=parent.num_prompt_tokens,
+                         num_computed_tokens=parent.num_computed_tokens,
+                         num_cached_tokens=parent.num_cached_tokens,
+                         block_table=self.blocks.fork(parent.block_table),
+                         status=SequenceStatus.RUNNING)
+        self._insert_running(child)
+        self._requests[request_id] = child
+        return child
+
     def finish(self, seq: Sequence, status: SequenceStatus) -> None:
         """Remove a sequence for good (stopped, length-capped, aborted) and free its blocks."""
         if not status.is_finished:
@@ -233,10 +257,7 @@ class Scheduler:
             seq.num_computed_tokens = num_cached
             seq.num_cached_tokens = num_cached
             seq.status = SequenceStatus.RUNNING
-            if self._key is None:
-                self.running.append(seq)
-            else:
-                bisect.insort_right(self.running, seq, key=self._key)
+            self._insert_running(seq)
             scheduled.append(self._scheduled(seq, num_new, []))
             budget -= num_new
 
@@ -275,6 +296,12 @@ class Scheduler:
         if self._key is None:
             return self.waiting[0]
         return min(self.waiting, key=self._key)
+
+    def _insert_running(self, seq: Sequence) -> None:
+        if self._key is None:
+            self.running.append(seq)
+        else:
+            bisect.insort_right(self.running, seq, key=self._key)
 
     def _preempt(self, seq: Sequence) -> None:
         self._release(seq)
