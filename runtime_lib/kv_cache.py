@@ -6,7 +6,9 @@ TensorRT-LLM's static-batch facade over it (`GenerationSession`: rows x beams).
 
 The KV tensor lives with the model. Whenever this module hands a sequence a private copy of
 a shared block it returns `BlockCopy(src, dst)`; the driver must copy block `src` into `dst`
-(every layer, K and V) before the next forward, executing copies in the order returned.
+(every layer, K and V) before the next forward. Within one step's list no copy's `dst` is
+the `src` of a later copy, so the copies may run in order or all at once (gather, then
+scatter); a block freed and reused as a `dst` in the same step comes after every read of it.
 "Not enough memory" is a value here (`None`), never an exception: the scheduler preempts.
 """
 from __future__ import annotations

@@ -86,8 +86,8 @@ class SchedulerOutput:
 
     @property
     def block_copies(self) -> list[BlockCopy]:
-        """Every copy of this step, in the order the driver must execute them (before the
-        forward): a block freed and reused within the step is read before it is overwritten."""
+        """Every copy of this step, to execute before the forward: in this order or all at
+        once (sources gathered first), never after any write of the step."""
         return [copy for s in self.scheduled for copy in s.block_copies]
 
     @property
