@@ -21,10 +21,26 @@ from .logits_processor import LogitsProcessor
 from .mapping import Mapping
 from .model_step import StepRow, apply_block_copies, build_step_inputs
 from .sampling import SamplingParams, SamplingTensors, random_seed, sample
+from .sampling_ops import (
+    TokenHistory, apply_bad_words, apply_frequency_presence_penalty, apply_no_repeat_ngram,
+    apply_repetition_penalty,
+)
 from .session import Session
-from .stopping import StoppingCriteria, StopWordsMatcher
+from .stopping import StoppingCriteria, StopWordsMatcher, strip_stop_words
 
 _MAX_SEED = 2**64 - 1
+
+
+@dataclass(frozen=True)
+class _DecodePlan:
+    """What `setup()` decided, captured when `decode()` is called: a stream is lazy, and a later
+    `setup()` for another batch must not change the shapes or the KV pool under it."""
+
+    batch_size: int
+    max_new_tokens: int
+    beam_width: int
+    max_blocks_per_seq: int
+    kv_cache: torch.Tensor
 
 
 @dataclass
@@ -69,6 +85,11 @@ class GenerationSession:
         self.debug_mode = debug_mode
         self.device = self.runtime.device
         self._kv_cache: torch.Tensor | None = None
+        # The last decode's block bookkeeping (TRT-LLM's attribute name); every block is free
+        # again once that decode finished, failed or its stream was closed.
+        self.kv_cache_manager: KVCacheManager | None = None
+        # One decode at a time: two interleaved streams would write the same KV blocks.
+        self._decoding = False
         self.batch_size = 0
         self.max_context_length = 0
         self.max_new_tokens = 0
@@ -92,6 +113,7 @@ class GenerationSession:
               max_attention_window_size: int | None = None, sink_token_length: int | None = None,
               lora_manager: object = None, lora_uids: list[str] | None = None, **_unused: object) -> None:
         """Check the batch against the build limits and size the KV cache for it."""
+        self._check_idle("setup()")
         cfg = self.model_config
         if not 1 <= batch_size <= cfg.max_batch_size:
             raise ValueError(f"batch_size must be in [1, {cfg.max_batch_size}] (max_batch_size), got {batch_size}")
@@ -124,6 +146,9 @@ class GenerationSession:
                logits_processor: LogitsProcessor | None = None, **_unused: object):
         """Generate for a batch. `input_ids` is packed (1-D, or [1, total]) when
         `remove_input_padding`, else padded [batch, max_context_length]."""
+        self._check_idle("decode()")
+        if self._kv_cache is None:
+            raise RuntimeError("call setup(batch_size, max_context_length, max_new_tokens, ...) before decode()")
         scfg = sampling_config.copy()
         if stop_words_list is not None:
             scfg.stop_words_list = stop_words_list
@@ -132,13 +157,20 @@ class GenerationSession:
         prompts = self._split_prompts(input_ids, context_lengths)
         if prompt_embedding_table is not None or tasks is not None:
             raise NotImplementedError("prompt tuning tables are not supported by this session yet")
-        kwargs = dict(output_sequence_lengths=output_sequence_lengths or scfg.output_sequence_lengths,
+        plan = _DecodePlan(self.batch_size, self.max_new_tokens, self.beam_width, self.max_blocks_per_seq,
+                           self._kv_cache)
+        kwargs = dict(plan=plan, output_sequence_lengths=output_sequence_lengths or scfg.output_sequence_lengths,
                       return_dict=return_dict or scfg.return_dict,
                       output_generation_logits=output_generation_logits or self.gather_generation_logits,
                       stopping_criteria=stopping_criteria, logits_processor=logits_processor)
         if streaming:
             return self.decode_stream(prompts, scfg, **kwargs)
         return self.decode_regular(prompts, scfg, **kwargs)
+
+    def _check_idle(self, what: str) -> None:
+        if self._decoding:
+            raise RuntimeError(f"{what} while another decode of this GenerationSession is still running "
+                               f"(an unfinished stream?): exhaust or close() that stream first")
 
     def decode_regular(self, prompts: list[list[int]], scfg: SamplingConfig, **kwargs):
         result = None
@@ -172,17 +204,29 @@ class GenerationSession:
                                  f"{self.max_context_length} given to setup()")
         return prompts
 
-    def _generate(self, prompts: list[list[int]], scfg: SamplingConfig, *, stream: bool = False,
-                  output_sequence_lengths: bool, return_dict: bool, output_generation_logits: bool,
-                  stopping_criteria: StoppingCriteria | None, logits_processor: LogitsProcessor | None):
+    def _generate(self, prompts: list[list[int]], scfg: SamplingConfig, *, plan: _DecodePlan,
+                  stream: bool = False, output_sequence_lengths: bool, return_dict: bool,
+                  output_generation_logits: bool, stopping_criteria: StoppingCriteria | None,
+                  logits_processor: LogitsProcessor | None):
+        # Checked again here: a stream's body starts at its first next(), maybe after another began.
+        self._check_idle("decode()")
+        self._decoding = True
+        try:
+            yield from self._generate_steps(prompts, scfg, plan, stream, output_sequence_lengths, return_dict,
+                                            output_generation_logits, stopping_criteria, logits_processor)
+        finally:
+            self._decoding = False
+
+    def _generate_steps(self, prompts, scfg, plan, stream, output_sequence_lengths, return_dict,
+                        output_generation_logits, stopping_criteria, logits_processor):
         B = len(prompts)
         V = self.vocab_size
         use_beams = scfg.num_beams > 1
         W = scfg.num_beams if use_beams else (scfg.num_return_sequences or 1)
-        if W > self.beam_width:
+        if W > plan.beam_width:
             raise ValueError(f"{'num_beams' if use_beams else 'num_return_sequences'}={W} exceeds the "
-                             f"beam_width={self.beam_width} given to setup()")
-        max_new = min(scfg.max_new_tokens, self.max_new_tokens)
+                             f"beam_width={plan.beam_width} given to setup()")
+        max_new = min(scfg.max_new_tokens, plan.max_new_tokens)
         bs = self.tokens_per_block
         device = self.device
         max_prompt = max(len(p) for p in prompts)
@@ -195,7 +239,10 @@ class GenerationSession:
                      matcher=StopWordsMatcher(row_params[b * W + i].stop_words)
                      if row_params[b * W + i].stop_words else None)
                 for b in range(B) for i in range(W)]
-        st = SamplingTensors.build(row_params, device) if not use_beams else None
+        # Beams use its penalties and bans (applied to log-probs, as HF's beam search does).
+        st = SamplingTensors.build(row_params, device)
+        if st.max_token_id >= V:
+            raise ValueError(f"end_id / bad_words token ids must be < vocab_size {V}, got {st.max_token_id}")
         beams = None
         if use_beams:
             beams = BeamSearch(B, W, end_id=end_id if not scfg.ignore_eos else -1, max_new_tokens=max_new,
@@ -207,18 +254,24 @@ class GenerationSession:
         ids_buf = torch.full((B * W, S), end_id, dtype=torch.int64, device=device)
         for b, p in enumerate(prompts):
             ids_buf[b * W:(b + 1) * W, :len(p)] = torch.tensor(p, device=device)
+        # Beam search does not end hypotheses on stop words; returned beams are cut before the
+        # first one instead, so stop text never reaches the caller (DESIGN §6).
+        beam_stop_words = [row_params[b * W].stop_words for b in range(B)] if use_beams else None
+        prompt_lens = torch.tensor([r.prompt_len for r in rows], device=device)  # (B*W,)
         gen_logits: list[torch.Tensor] = []
 
-        kv = KVCacheManager(num_blocks=self._kv_cache.shape[2], tokens_per_block=bs,
-                            max_blocks_per_seq=self.max_blocks_per_seq, beam_width=W)
+        kv_cache = plan.kv_cache
+        kv = KVCacheManager(num_blocks=kv_cache.shape[2], tokens_per_block=bs,
+                            max_blocks_per_seq=plan.max_blocks_per_seq, beam_width=W)
+        self.kv_cache_manager = kv
         try:
             copies = []
             for b, p in enumerate(prompts):
                 copies += kv.add_sequence(GenerationSequence(b, b), len(p))
             want_ctx = self.gather_context_logits
             logits = self._forward([StepRow(p, 0, kv.get_block_table(b, 0), all_logits=want_ctx)
-                                    for b, p in enumerate(prompts)])
-            apply_block_copies(self._kv_cache, copies)
+                                    for b, p in enumerate(prompts)], kv_cache)
+            apply_block_copies(kv_cache, copies)
             context_logits = None
             if want_ctx:
                 context_logits = torch.zeros(B, max_prompt, V, device=device)
@@ -237,11 +290,11 @@ class GenerationSession:
                 if logits_processor is not None:
                     logits = logits_processor(step, ids_buf, logits)
                 if use_beams:
-                    tokens, parents = self._beam_step(beams, logits, rows, scfg, step)
+                    tokens, parents = self._beam_step(beams, logits, st, ids_buf, prompt_lens, step)
                     ids_buf = ids_buf[parents]
                     for b in range(B):
                         local = [int(p) - b * W for p in parents[b * W:(b + 1) * W].tolist()]
-                        apply_block_copies(self._kv_cache, kv.reorder_beams(b, local))
+                        apply_block_copies(kv_cache, kv.reorder_beams(b, local))
                     for r, tok in zip(rows, tokens.tolist()):
                         r.output_ids.append(tok)
                     positions = torch.tensor([r.prompt_len + step for r in rows], device=device)
@@ -265,25 +318,27 @@ class GenerationSession:
                     break
                 if stream:
                     yield self._outputs(prompts, rows, beams, S, end_id, return_dict, output_sequence_lengths,
-                                        context_logits, gen_logits, scfg)
-                logits = self._next_logits(kv, rows, use_beams, W)
+                                        context_logits, gen_logits, scfg, beam_stop_words)
+                logits = self._next_logits(kv, kv_cache, rows, use_beams, W)
             yield self._outputs(prompts, rows, beams, S, end_id, return_dict, output_sequence_lengths,
-                                context_logits, gen_logits, scfg)
+                                context_logits, gen_logits, scfg, beam_stop_words)
         finally:
             kv.free_all()
 
-    def _next_logits(self, kv: KVCacheManager, rows: list[_Row], use_beams: bool, W: int) -> torch.Tensor:
+    def _next_logits(self, kv: KVCacheManager, kv_cache: torch.Tensor, rows: list[_Row], use_beams: bool,
+                     W: int) -> torch.Tensor:
         """Run the next decode step. Beams: every row until the search is done (BeamSearch
         wants all rows). Otherwise only unfinished rows; finished rows get zero logits."""
         finished_batch = [all(r.finished for r in rows[b * W:(b + 1) * W]) and not use_beams
                           for b in range(len(rows) // W)]
-        apply_block_copies(self._kv_cache, kv.step(finished_batch))
+        apply_block_copies(kv_cache, kv.step(finished_batch))
         fed = [i for i, r in enumerate(rows) if use_beams or not finished_batch[r.batch_idx]]
         # Rows of one prompt advance in lockstep in the cache; a finished sample of a prompt
         # whose other samples still run is fed a filler token (its output is already final).
         logits = self._forward([StepRow([rows[i].output_ids[-1] if not rows[i].finished else 0],
                                         kv.sequence_length(rows[i].batch_idx) - 1,
-                                        kv.get_block_table(rows[i].batch_idx, rows[i].beam)) for i in fed])
+                                        kv.get_block_table(rows[i].batch_idx, rows[i].beam)) for i in fed],
+                               kv_cache)
         if len(fed) == len(rows):
             return logits
         full = logits.new_zeros(len(rows), logits.shape[1])
@@ -296,27 +351,45 @@ class GenerationSession:
         seed = p.seed if p.seed is not None else random_seed()
         return dataclasses.replace(p, seed=(seed + i) & _MAX_SEED)
 
-    def _beam_step(self, beams: BeamSearch, logits: torch.Tensor, rows: list[_Row], scfg: SamplingConfig,
-                   step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        log_probs = torch.log_softmax(logits.float(), dim=-1)
-        min_len = scfg.per_row("min_length", self.batch_size)
-        ban = [step < min_len[r.batch_idx] for r in rows]
-        if any(ban) and scfg.end_id >= 0:
-            log_probs[torch.tensor(ban, device=log_probs.device), scfg.end_id] = float("-inf")
-        if scfg.ignore_eos and scfg.end_id >= 0:
-            log_probs[:, scfg.end_id] = float("-inf")
-        out = beams.step(log_probs)
+    def _beam_step(self, beams: BeamSearch, logits: torch.Tensor, st: SamplingTensors, ids_buf: torch.Tensor,
+                   prompt_lens: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One beam-search step. As HF's beam search, the processors (repetition penalty, no-repeat
+        n-grams, bad words, min_length) act on the log-softmax, not on the raw logits."""
+        x = torch.log_softmax(logits.float(), dim=-1)                            # (B*W, V)
+        if st.needs_history:
+            # ids_buf rows are already reordered to the current beams: prompt, then `step` tokens.
+            lengths = prompt_lens + step                                          # (B*W,)
+            width = int(prompt_lens.max()) + step
+            pos = torch.arange(width, device=x.device)[None]                      # (1, L)
+            hist_ids = torch.where(pos < lengths[:, None], ids_buf[:, :width], -1)
+            history = TokenHistory(hist_ids, lengths, prompt_lens)
+            if st.has_repetition_penalty:
+                x = apply_repetition_penalty(x, history.token_ids, st.repetition_penalty)
+            if st.has_frequency_presence:
+                x = apply_frequency_presence_penalty(x, history.output_counts(x.shape[1]), st.frequency_penalty,
+                                                     st.presence_penalty)
+            for n, rows in st.ngram_groups:
+                x = apply_no_repeat_ngram(x, history, n, rows)
+        else:
+            history = None
+        if st.has_bad_words:
+            x = apply_bad_words(x, st.bad_rows, st.bad_last, st.bad_prefix, st.bad_prefix_len, history)
+        if st.has_end_ban:  # min_length and ignore_eos
+            ban = st.ban_end_always | (step < st.min_length)                      # (B*W,)
+            end = st.end_id[:, None]                                              # (B*W, 1)
+            x.scatter_(1, end, torch.where(ban[:, None], float("-inf"), x.gather(1, end)))
+        out = beams.step(x)
         return out.next_tokens, out.parent_beams
 
-    def _forward(self, step_rows: list[StepRow]) -> torch.Tensor:
+    def _forward(self, step_rows: list[StepRow], kv_cache: torch.Tensor) -> torch.Tensor:
         inputs = build_step_inputs(step_rows, self.tokens_per_block, self.device)
-        inputs["kv_cache"] = self._kv_cache
+        inputs["kv_cache"] = kv_cache
         outputs: dict[str, torch.Tensor] = {}
         self.runtime.run(inputs, outputs)
         return outputs["logits"]
 
     def _outputs(self, prompts, rows, beams, S, end_id, return_dict, output_sequence_lengths,
-                 context_logits, gen_logits, scfg):
+                 context_logits, gen_logits, scfg, beam_stop_words):
         B = len(prompts)
         device = self.device
         if beams is not None:
@@ -324,14 +397,19 @@ class GenerationSession:
             R = res.output_ids.shape[1]
             out_ids = torch.full((B, R, S), end_id, dtype=torch.int64, device=device)
             seq_lens = torch.zeros(B, R, dtype=torch.int32, device=device)
+            log_probs, cum = res.log_probs, res.cum_log_probs  # (B, R, max_new), (B, R)
             for b, p in enumerate(prompts):
                 for r in range(R):
-                    n = int(res.sequence_lengths[b, r])
+                    gen = res.output_ids[b, r, :int(res.sequence_lengths[b, r])]
+                    if beam_stop_words[b]:
+                        kept, hit = strip_stop_words(gen.tolist(), beam_stop_words[b])
+                        if hit:
+                            gen = gen[:len(kept)]
+                            log_probs[b, r, len(kept):] = 0.0
+                            cum[b, r] = log_probs[b, r].sum()
                     out_ids[b, r, :len(p)] = torch.tensor(p, device=device)
-                    out_ids[b, r, len(p):len(p) + n] = res.output_ids[b, r, :n]
-                    seq_lens[b, r] = len(p) + n
-            cum = res.cum_log_probs
-            log_probs = res.log_probs
+                    out_ids[b, r, len(p):len(p) + len(gen)] = gen
+                    seq_lens[b, r] = len(p) + len(gen)
         else:
             W = len(rows) // B
             out_ids = torch.full((B, W, S), end_id, dtype=torch.int64, device=device)
@@ -356,7 +434,6 @@ class GenerationSession:
             if context_logits is not None:
                 result["context_logits"] = context_logits
             if gen_logits:
-                W = out_ids.shape[1] if beams is None else self.beam_width
                 g = torch.stack(gen_logits, dim=1)  # (B*W, steps, V)
                 result["generation_logits"] = g.view(B, -1, g.shape[1], g.shape[2])
         return result

@@ -33,26 +33,39 @@ class ModelRunner:
     @classmethod
     def from_engine(cls, engine: Session | str | Path, lora_dir: str | None = None, rank: int = 0,
                     debug_mode: bool = False, stream: Any = None, device: str | None = None,
+                    gather_context_logits: bool | None = None, gather_generation_logits: bool | None = None,
                     **_unused: Any) -> ModelRunner:
-        """From a `Session` (or an engine directory written by `runtime_lib.build`)."""
+        """From a `Session` (or an engine directory written by `runtime_lib.build`).
+
+        `gather_context_logits` / `gather_generation_logits` (TRT-LLM's build flags of the same
+        names) override the engine's: with them on, `generate(..., return_dict=True)` also
+        returns `context_logits` [batch, max_input_len, vocab] / `generation_logits`
+        [batch, beams, steps, vocab]."""
         if lora_dir is not None:
             raise NotImplementedError("LoRA adapters are not supported yet (lora_dir given)")
         if rank != 0:
             raise ValueError(f"rank must be 0 (tensor parallelism is not supported yet), got {rank}")
         session = engine if isinstance(engine, Session) else Session.from_engine(engine, device=device or _default_device())
         cfg = session.model_config
+        if gather_context_logits is not None:
+            cfg.gather_context_logits = bool(gather_context_logits)
+        if gather_generation_logits is not None:
+            cfg.gather_generation_logits = bool(gather_generation_logits)
         gen = GenerationSession(cfg, session, Mapping(), debug_mode=debug_mode, stream=stream)
         return cls(gen, cfg.max_batch_size, cfg.max_input_len, cfg.max_seq_len, cfg.max_beam_width)
 
     @classmethod
     def from_dir(cls, engine_dir: str | Path, lora_dir: str | None = None, rank: int = 0,
                  debug_mode: bool = False, stream: Any = None, device: str | None = None,
-                 dtype: str | None = None, **_unused: Any) -> ModelRunner:
+                 dtype: str | None = None, gather_context_logits: bool | None = None,
+                 gather_generation_logits: bool | None = None, **_unused: Any) -> ModelRunner:
         """From an engine directory or a plain Hugging Face checkpoint directory."""
         if not Path(engine_dir).is_dir():
             raise FileNotFoundError(f"engine_dir {str(engine_dir)!r} is not a directory")
         session = Session.from_dir(engine_dir, device=device or _default_device(), dtype=dtype)
-        return cls.from_engine(session, lora_dir=lora_dir, rank=rank, debug_mode=debug_mode, stream=stream)
+        return cls.from_engine(session, lora_dir=lora_dir, rank=rank, debug_mode=debug_mode, stream=stream,
+                               gather_context_logits=gather_context_logits,
+                               gather_generation_logits=gather_generation_logits)
 
     # -------------------------------------------------------------- properties
     @property
