@@ -60,6 +60,8 @@ class ModelRunner:
                  dtype: str | None = None, gather_context_logits: bool | None = None,
                  gather_generation_logits: bool | None = None, **_unused: Any) -> ModelRunner:
         """From an engine directory or a plain Hugging Face checkpoint directory."""
+        if lora_dir is not None:
+            raise NotImplementedError("LoRA adapters are not supported yet (lora_dir given)")
         if not Path(engine_dir).is_dir():
             raise FileNotFoundError(f"engine_dir {str(engine_dir)!r} is not a directory")
         session = Session.from_dir(engine_dir, device=device or _default_device(), dtype=dtype)

@@ -211,6 +211,20 @@ def test_beam_search_equals_hf(runner, hf, beam_end_id, num_beams, length_penalt
             assert cum == pytest.approx(float(out["log_probs"][b, r, :n].sum()), abs=1e-4)
 
 
+def test_beam_search_across_kv_block_boundaries_equals_hf(runner, hf):
+    """Prompts of exactly one block (16) and one short of it, 20 new tokens: beams fork, copy and
+    reorder partial and full blocks."""
+    prompts = ([1] + list(range(300, 315)), [1] + list(range(200, 214)))
+    out = runner.generate(tensors(prompts), max_new_tokens=20, end_id=-1, pad_id=PAD_ID, num_beams=4,
+                          num_return_sequences=4, early_stopping=2, return_dict=True)
+    for b, p in enumerate(prompts):
+        ids = torch.tensor([p])
+        want = hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, num_beams=4,
+                           num_return_sequences=4, max_new_tokens=20, eos_token_id=None, pad_token_id=PAD_ID,
+                           early_stopping="never")
+        assert out["output_ids"][b, :, :len(p) + 20].tolist() == want.tolist()
+
+
 def test_beam_search_on_another_family(runner_for, hf_for):
     """qwen2 has qkv bias and untied embeddings: a second network under the same search."""
     model = hf_for("qwen2")
@@ -380,6 +394,23 @@ def test_top_k_keeps_samples_in_the_top_k(runner, hf):
     for t in range(len(p), len(full)):
         top3 = ref[t - 1].topk(3).indices.tolist()
         assert full[t] in top3, f"step {t - len(p)}: token {full[t]} outside the top 3 {top3}"
+
+
+def test_top_p_samples_stay_in_the_nucleus(runner, hf):
+    top_p = 0.3
+    out = greedy(runner, PROMPTS, top_k=0, top_p=top_p, temperature=1.0, random_seed=[1, 2, 3], end_id=-1,
+                 max_new_tokens=12)
+    sampled_outside_argmax = 0
+    for b, p in enumerate(PROMPTS):
+        full = out["output_ids"][b, 0, :int(out["sequence_lengths"][b, 0])].tolist()
+        ref = hf_logits(hf, full)
+        for t in range(len(p), len(full)):
+            probs, idx = ref[t - 1].softmax(-1).sort(descending=True)
+            exclusive = probs.cumsum(0) - probs
+            nucleus = idx[exclusive < top_p].tolist()
+            assert full[t] in nucleus, f"row {b} step {t - len(p)}: {full[t]} outside the nucleus {nucleus}"
+            sampled_outside_argmax += full[t] != nucleus[0]
+    assert sampled_outside_argmax > 0, "top_p sampling never left the argmax: the test proves nothing"
 
 
 def test_repetition_penalty_equals_hf(runner, hf):
