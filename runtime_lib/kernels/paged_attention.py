@@ -203,18 +203,20 @@ def _decode_reduce_kernel(
 
 @dataclass(frozen=True)
 class DecodeTuning:
-    """Launch knobs of the decode kernel; the defaults are what the GPU benchmark picked."""
+    """Launch knobs of the decode kernel. Defaults: best geometric mean over B 1/8/64/256 x
+    ctx 1024/4096 in `bench/gpu_kernels.py --sections sweep` on an H200 (1.026x of each
+    shape's best; the old 1024/4 warps/2 stages was ~4% slower at B=256)."""
     block_n: int | None = None          # K/V tokens per inner-loop tile; None: max(block_size, 64)
-    max_partition_size: int = 1024      # split-K slice upper bound (tokens)
-    num_warps: int = 4
-    num_stages: int = 2
+    max_partition_size: int = 2048      # split-K slice upper bound (tokens)
+    num_warps: int = 2
+    num_stages: int = 3
 
 
 DEFAULT_DECODE_TUNING = DecodeTuning()
 
 
 def choose_partition_size(num_seqs: int, num_kv_heads: int, max_context_len: int, parallelism: int,
-                          block_n: int, max_partition_size: int = 1024) -> int:
+                          block_n: int, max_partition_size: int = 2048) -> int:
     """Largest power-of-two partition (>= block_n) that still gives ~2 programs per SM.
 
     Few, long sequences split into many partitions (fill the GPU); large batches keep long

@@ -140,9 +140,11 @@ class TestDecode:
 
     def test_partition_size_grows_with_batch_and_shrinks_for_a_lone_long_sequence(self, kernels):
         choose = kernels.choose_partition_size
-        lone = choose(num_seqs=1, num_kv_heads=8, max_context_len=4096, parallelism=132, block_n=64)
-        many = choose(num_seqs=256, num_kv_heads=8, max_context_len=4096, parallelism=132, block_n=64)
-        assert lone < many == 1024
+        lone = choose(num_seqs=1, num_kv_heads=8, max_context_len=4096, parallelism=132, block_n=64,
+                      max_partition_size=2048)
+        many = choose(num_seqs=256, num_kv_heads=8, max_context_len=4096, parallelism=132, block_n=64,
+                      max_partition_size=2048)
+        assert lone < many == 2048
         assert 1 * 8 * (4096 // lone) >= 132  # a single sequence still fills the device
 
     def test_rejects_bad_inputs_naming_the_field(self, kernels):
