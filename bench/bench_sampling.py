@@ -24,8 +24,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-from runtime_lib.sampling import SamplingParams, SamplingTensors, sample  # noqa: E402
-from runtime_lib.sampling_ops import TokenHistory, uniform_noise  # noqa: E402
+from runtime_lib.sampling import SamplingParams, SamplingTensors, sample
+from runtime_lib.sampling_ops import TokenHistory, uniform_noise
 
 VOCAB = 128_256
 
@@ -55,7 +55,8 @@ def check(dev: torch.device) -> list[str]:
     params = mixed_params()
     B, V = len(params), 512
     st_cpu, st_gpu = SamplingTensors.build(params, "cpu"), SamplingTensors.build(params, dev)
-    prompt = [torch.randint(0, 20, (int(n),), generator=g).tolist() for n in torch.randint(1, 30, (B,), generator=g)]
+    lengths = torch.randint(1, 30, (B,), generator=g).tolist()
+    prompt = [torch.randint(0, 20, (n,), generator=g).tolist() for n in lengths]
     outputs: list[list[int]] = [[] for _ in range(B)]
     mismatches = 0
     for step in range(40):
@@ -104,9 +105,9 @@ def time_case(dev, params, B, history_len=0, iters=30) -> dict:
     kw = {}
     if history_len:
         ids = torch.randint(0, VOCAB, (B, history_len), device=dev, generator=g)
-        kw = dict(prompt_ids=ids[:, : history_len // 2], output_ids=ids[:, history_len // 2:])
+        kw = {"prompt_ids": ids[:, : history_len // 2], "output_ids": ids[:, history_len // 2:]}
     else:
-        kw = dict(steps=torch.zeros(B, dtype=torch.int64, device=dev))
+        kw = {"steps": torch.zeros(B, dtype=torch.int64, device=dev)}
     for _ in range(3):
         sample(logits, st, **kw)
     torch.cuda.synchronize()

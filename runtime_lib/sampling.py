@@ -18,8 +18,14 @@ import torch
 
 from runtime_lib.config import SamplingConfig
 from runtime_lib.sampling_ops import (
-    TokenHistory, apply_bad_words, apply_frequency_presence_penalty, apply_no_repeat_ngram,
-    apply_repetition_penalty, filter_sorted, gumbel_noise, to_int64_seed,
+    TokenHistory,
+    apply_bad_words,
+    apply_frequency_presence_penalty,
+    apply_no_repeat_ngram,
+    apply_repetition_penalty,
+    filter_sorted,
+    gumbel_noise,
+    to_int64_seed,
 )
 from runtime_lib.stopping import normalize_word_lists
 
@@ -212,7 +218,7 @@ class SamplingTensors:
             raise ValueError("params must hold at least one SamplingParams (batch_size >= 1)")
         for i, p in enumerate(params):
             if not isinstance(p, SamplingParams):
-                raise ValueError(f"params[{i}] must be a SamplingParams, got {type(p).__name__}")
+                raise ValueError(f"params[{i}] must be a SamplingParams, got {type(p).__name__}")  # noqa: TRY004
         device = torch.device(device)
         B = len(params)
         greedy = [p.is_greedy for p in params]
@@ -393,5 +399,12 @@ def _sample_rows(x: torch.Tensor, st: SamplingTensors, temperature: torch.Tensor
     return idx.gather(1, choice).squeeze(1)
 
 
-__all__ = ["SamplingParams", "SamplingTensors", "SampleOutput", "sample", "random_seed",
-           "MAX_SEED", "TOP_K_FAST_MAX"]
+__all__ = [
+    "MAX_SEED",
+    "TOP_K_FAST_MAX",
+    "SampleOutput",
+    "SamplingParams",
+    "SamplingTensors",
+    "random_seed",
+    "sample",
+]

@@ -88,8 +88,8 @@ class TokenHistory:
             return cls(_pad_rows(rows, device),
                        torch.tensor([len(r) for r in rows], dtype=torch.int64, device=device),
                        torch.tensor([len(p) for p in prompt_ids], dtype=torch.int64, device=device))
-        p = prompt_ids.to(device, torch.int64) if isinstance(prompt_ids, torch.Tensor) else _pad_rows(prompt_ids, device)
-        o = output_ids.to(device, torch.int64) if isinstance(output_ids, torch.Tensor) else _pad_rows(output_ids, device)
+        p, o = (ids.to(device, torch.int64) if isinstance(ids, torch.Tensor) else _pad_rows(ids, device)
+                for ids in (prompt_ids, output_ids))
         p_len = (p >= 0).sum(dim=1)  # (B,)
         o_len = (o >= 0).sum(dim=1)
         L = max(1, p.shape[1] + o.shape[1])
@@ -230,6 +230,16 @@ def top_k_top_p_min_p_mask(logits: torch.Tensor, top_k: Sequence[int] | torch.Te
     return torch.zeros_like(keep).scatter_(1, idx, keep)
 
 
-__all__ = ["TokenHistory", "token_counts", "uniform_noise", "gumbel_noise", "to_int64_seed",
-           "apply_repetition_penalty", "apply_frequency_presence_penalty", "apply_bad_words",
-           "apply_no_repeat_ngram", "filter_sorted", "top_k_top_p_min_p_mask"]
+__all__ = [
+    "TokenHistory",
+    "apply_bad_words",
+    "apply_frequency_presence_penalty",
+    "apply_no_repeat_ngram",
+    "apply_repetition_penalty",
+    "filter_sorted",
+    "gumbel_noise",
+    "to_int64_seed",
+    "token_counts",
+    "top_k_top_p_min_p_mask",
+    "uniform_noise",
+]

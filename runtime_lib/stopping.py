@@ -261,6 +261,15 @@ def normalize_word_lists(value: Any, batch_size: int, name: str = "word list") -
     return rows
 
 
-__all__ = ["StoppingCriteria", "StoppingCriteriaList", "StopCheck", "StopWordsMatcher",
-           "strip_stop_words", "ids_to_word_list_format", "to_word_list_format",
-           "from_word_list_format", "normalize_word_lists", "WordList"]
+__all__ = [
+    "StopCheck",
+    "StopWordsMatcher",
+    "StoppingCriteria",
+    "StoppingCriteriaList",
+    "WordList",
+    "from_word_list_format",
+    "ids_to_word_list_format",
+    "normalize_word_lists",
+    "strip_stop_words",
+    "to_word_list_format",
+]
