@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import functools
 import json
 import math
 import os
@@ -30,7 +31,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-from runtime_lib.layers.attention import AttentionMetadata, paged_attention_torch  # noqa: E402
+from runtime_lib.layers.attention import AttentionMetadata, paged_attention_torch
 
 NUM_HEADS, NUM_KV_HEADS, HEAD_SIZE = 32, 8, 128  # Llama-3.1-8B
 TOL = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 2e-2}
@@ -112,9 +113,8 @@ def copy_bandwidth_gbps() -> float:
     n = 1 << 30
     src = torch.empty(n, dtype=torch.uint8, device="cuda")
     dst = torch.empty_like(src)
-    us = bench_us(lambda: dst.copy_(src))
-    del src, dst
-    return 2 * n / us / 1e3
+    us = bench_us(functools.partial(dst.copy_, src))
+    return 2 * n / us / 1e3  # the buffers are freed on return
 
 
 @dataclass
@@ -218,114 +218,116 @@ def run_checks(report: Report) -> None:
 
 # ----------------------------------------------------------------------------- timings
 
-def run_decode_bench(report: Report, batches: list[int], contexts: list[int]) -> None:
-    from runtime_lib.kernels.paged_attention import (choose_partition_size, device_parallelism,
-                                                     paged_decode_attention)
+def decode_row(report: Report, B: int, ctx: int) -> DecodeRow:
+    """Time one decode shape (all contexts = ctx) with the three implementations."""
+    from runtime_lib.kernels.paged_attention import (
+        choose_partition_size,
+        device_parallelism,
+        paged_decode_attention,
+    )
 
+    b = make_paged_batch([1] * B, [ctx] * B)
+    m = b.meta
+    out = torch.empty_like(b.q)
+    k, v = contiguous_kv(b)
+    q4 = b.q[:, :, None, :]                                                  # (B, h, 1, d)
+
+    def triton_call():
+        paged_decode_attention(b.q, b.kv, m.block_tables, m.context_lens, b.scale, None, ctx, out=out)
+
+    def torch_call():
+        paged_attention_torch(b.q, b.kv, m, b.scale)
+
+    def sdpa_call():
+        F.scaled_dot_product_attention(q4, k, v, scale=b.scale, enable_gqa=True)
+
+    triton_call()
+    err = (out.float() - paged_attention_torch(b.q, b.kv, m, b.scale).float()).abs().max().item()
+    t_triton, t_graph = bench_us(triton_call), graph_us(triton_call)
+    t_torch, t_sdpa = bench_us(torch_call), bench_us(sdpa_call)
+    kv_bytes = 2 * B * ctx * NUM_KV_HEADS * HEAD_SIZE * b.kv.element_size()
+    return DecodeRow(
+        batch=B, context=ctx,
+        partition_size=choose_partition_size(B, NUM_KV_HEADS, ctx, device_parallelism(b.q.device), 64),
+        triton_us=t_triton, triton_graph_us=t_graph, torch_paged_us=t_torch, sdpa_contiguous_us=t_sdpa,
+        kv_mbytes=kv_bytes / 1e6, triton_gbps=kv_bytes / t_triton / 1e3,
+        triton_graph_gbps=kv_bytes / t_graph / 1e3,
+        pct_of_copy_bw=100 * kv_bytes / t_graph / 1e3 / report.copy_gbps,
+        max_abs_err_vs_torch=err)
+
+
+def run_decode_bench(report: Report, batches: list[int], contexts: list[int]) -> None:
     print("\ndecode (bf16, 32/8 heads, d=128, block 16): µs per call, median")
     for B in batches:
         for ctx in contexts:
-            b = make_paged_batch([1] * B, [ctx] * B)
-            m = b.meta
-            out = torch.empty_like(b.q)
-
-            def triton_call():
-                paged_decode_attention(b.q, b.kv, m.block_tables, m.context_lens, b.scale, None, ctx, out=out)
-
-            def torch_call():
-                paged_attention_torch(b.q, b.kv, m, b.scale)
-
-            k, v = contiguous_kv(b)
-            q4 = b.q[:, :, None, :]                                          # (B, h, 1, d)
-
-            def sdpa_call():
-                F.scaled_dot_product_attention(q4, k, v, scale=b.scale, enable_gqa=True)
-
-            triton_call()
-            err = (out.float() - paged_attention_torch(b.q, b.kv, m, b.scale).float()).abs().max().item()
-            t_triton = bench_us(triton_call)
-            t_graph = graph_us(triton_call)
-            t_torch = bench_us(torch_call)
-            t_sdpa = bench_us(sdpa_call)
-            kv_bytes = 2 * B * ctx * NUM_KV_HEADS * HEAD_SIZE * b.kv.element_size()
-            row = DecodeRow(
-                batch=B, context=ctx,
-                partition_size=choose_partition_size(B, NUM_KV_HEADS, ctx, device_parallelism(b.q.device),
-                                                     64),
-                triton_us=t_triton, triton_graph_us=t_graph, torch_paged_us=t_torch, sdpa_contiguous_us=t_sdpa,
-                kv_mbytes=kv_bytes / 1e6, triton_gbps=kv_bytes / t_triton / 1e3,
-                triton_graph_gbps=kv_bytes / t_graph / 1e3,
-                pct_of_copy_bw=100 * kv_bytes / t_graph / 1e3 / report.copy_gbps,
-                max_abs_err_vs_torch=err)
-            report.decode.append(row)
-            print(f"  B={B:4d} ctx={ctx:5d} split={row.partition_size:5d}  triton {t_triton:8.1f}  "
-                  f"graph {t_graph:8.1f}  torch-paged {t_torch:9.1f}  sdpa-contig {t_sdpa:8.1f}  "
-                  f"{row.triton_graph_gbps:7.0f} GB/s ({row.pct_of_copy_bw:4.1f}% copy)  err {err:.1e}")
-            del b, k, v, out
+            row = decode_row(report, B, ctx)
             torch.cuda.empty_cache()
+            report.decode.append(row)
+            print(f"  B={B:4d} ctx={ctx:5d} split={row.partition_size:5d}  triton {row.triton_us:8.1f}  "
+                  f"graph {row.triton_graph_us:8.1f}  torch-paged {row.torch_paged_us:9.1f}  "
+                  f"sdpa-contig {row.sdpa_contiguous_us:8.1f}  {row.triton_graph_gbps:7.0f} GB/s "
+                  f"({row.pct_of_copy_bw:4.1f}% copy)  err {row.max_abs_err_vs_torch:.1e}")
+
+
+def prefill_row(name: str, qlens: list[int], clens: list[int], split_decode: bool) -> PrefillRow:
+    """Time one varlen step against gather+SDPA and, for equal fresh prompts, dense flash SDPA."""
+    from runtime_lib.kernels.varlen_attention import paged_varlen_attention
+
+    b = make_paged_batch(qlens, clens)
+    m = b.meta
+    out = torch.empty_like(b.q)
+
+    def triton_call():
+        paged_varlen_attention(b.q, b.kv, m.block_tables, m.context_lens, m.cu_query_lens, m.max_query_len,
+                               b.scale, max_context_len=m.max_context_len, split_decode=split_decode, out=out)
+
+    def torch_call():
+        paged_attention_torch(b.q, b.kv, m, b.scale)
+
+    t_sdpa = None
+    if len(set(qlens)) == 1 and qlens == clens:  # equal fresh prompts: dense causal SDPA (flash)
+        k, v = contiguous_kv(b)
+        q4 = b.q.view(len(qlens), qlens[0], NUM_HEADS, HEAD_SIZE).transpose(1, 2)
+        t_sdpa = bench_us(lambda: F.scaled_dot_product_attention(q4, k, v, is_causal=True, scale=b.scale,
+                                                                 enable_gqa=True))
+    triton_call()
+    err = (out.float() - paged_attention_torch(b.q, b.kv, m, b.scale).float()).abs().max().item()
+    t_triton, t_torch = bench_us(triton_call), bench_us(torch_call)
+    # Useful (causal) attention FLOPs: 4 * d per (query, visible key) pair per head.
+    pairs = sum(ql * (c - ql) + ql * (ql + 1) // 2 for ql, c in zip(qlens, clens, strict=True))
+    tflops = 4 * HEAD_SIZE * NUM_HEADS * pairs / t_triton / 1e6
+    return PrefillRow(name, sum(qlens), t_triton, t_torch, t_sdpa, tflops, err)
 
 
 def run_prefill_bench(report: Report, quick: bool) -> None:
-    from runtime_lib.kernels.varlen_attention import paged_varlen_attention
-
-    cases = [("1 x 2048 prompt", [2048], [2048]),
-             ("8 x 512 prompts", [512] * 8, [512] * 8),
-             ("4 x 512 chunk on 3584 prefix", [512] * 4, [4096] * 4),
-             ("mixed: 2x1024 prompts + 64 decode", [1024, 1024] + [1] * 64, [1024, 1024] + [2048] * 64)]
-    if quick:
-        cases = cases[:2]
-    if not quick:
-        cases.append(("mixed, decode rows not split off", [1024, 1024] + [1] * 64, [1024, 1024] + [2048] * 64))
+    mixed = ([1024, 1024] + [1] * 64, [1024, 1024] + [2048] * 64)
+    cases = [("1 x 2048 prompt", [2048], [2048], True),
+             ("8 x 512 prompts", [512] * 8, [512] * 8, True),
+             ("4 x 512 chunk on 3584 prefix", [512] * 4, [4096] * 4, True),
+             ("mixed: 2x1024 prompts + 64 decode", *mixed, True),
+             ("mixed, decode rows not split off", *mixed, False)]
     print("\nprefill / varlen (bf16, 8B heads): µs per call, median")
-    for name, qlens, clens in cases:
-        b = make_paged_batch(qlens, clens)
-        m = b.meta
-        out = torch.empty_like(b.q)
-        split = "not split" not in name
-
-        def triton_call():
-            paged_varlen_attention(b.q, b.kv, m.block_tables, m.context_lens, m.cu_query_lens,
-                                   m.max_query_len, b.scale, max_context_len=m.max_context_len,
-                                   split_decode=split, out=out)
-
-        def torch_call():
-            paged_attention_torch(b.q, b.kv, m, b.scale)
-
-        sdpa_call = None
-        if len(set(qlens)) == 1 and qlens == clens:  # equal fresh prompts: dense causal SDPA (flash)
-            k, v = contiguous_kv(b)
-            q4 = b.q.view(len(qlens), qlens[0], NUM_HEADS, HEAD_SIZE).transpose(1, 2)
-
-            def sdpa_call():
-                F.scaled_dot_product_attention(q4, k, v, is_causal=True, scale=b.scale, enable_gqa=True)
-
-        triton_call()
-        err = (out.float() - paged_attention_torch(b.q, b.kv, m, b.scale).float()).abs().max().item()
-        t_triton = bench_us(triton_call)
-        t_torch = bench_us(torch_call)
-        t_sdpa = bench_us(sdpa_call) if sdpa_call else None
-        # Useful (causal) attention FLOPs: 4 * d per (query, visible key) pair per head.
-        pairs = sum(ql * (c - ql) + ql * (ql + 1) // 2 for ql, c in zip(qlens, clens))
-        tflops = 4 * HEAD_SIZE * NUM_HEADS * pairs / t_triton / 1e6
-        report.prefill.append(PrefillRow(name, sum(qlens), t_triton, t_torch, t_sdpa, tflops, err))
-        sdpa_txt = f"{t_sdpa:9.1f}" if t_sdpa else "      n/a"
-        print(f"  {name:36s} triton {t_triton:9.1f} ({tflops:5.1f} TFLOP/s)  torch-paged {t_torch:9.1f}  "
-              f"sdpa-contig {sdpa_txt}  err {err:.1e}")
-        del b, out
+    for name, qlens, clens, split_decode in cases[:2] if quick else cases:
+        row = prefill_row(name, qlens, clens, split_decode)
         torch.cuda.empty_cache()
+        report.prefill.append(row)
+        sdpa_txt = f"{row.sdpa_contiguous_us:9.1f}" if row.sdpa_contiguous_us else "      n/a"
+        print(f"  {name:36s} triton {row.triton_us:9.1f} ({row.triton_tflops:5.1f} TFLOP/s)  "
+              f"torch-paged {row.torch_paged_us:9.1f}  sdpa-contig {sdpa_txt}  err {row.max_abs_err_vs_torch:.1e}")
 
 
 def _sweep(report: Report, kernel: str, shapes: list[tuple[str, PagedBatch]], configs: list, timer, launch) -> None:
     """Time every config on every shape; rank configs by geometric-mean slowdown vs each shape's best."""
+    from triton.runtime.errors import OutOfResources
+
     times: dict[int, dict[str, float]] = {i: {} for i in range(len(configs))}
-    for name, b in shapes:
-        out = torch.empty_like(b.q)
+    for name, batch in shapes:
+        out = torch.empty_like(batch.q)
         for i, tuning in enumerate(configs):
             try:
-                times[i][name] = timer(lambda: launch(b, out, tuning))
-            except Exception as exc:  # e.g. out of shared memory for a big tile
+                times[i][name] = timer(functools.partial(launch, batch, out, tuning))
+            except (OutOfResources, RuntimeError) as exc:  # e.g. shared memory short for a big tile
                 print(f"    skip {tuning} on {name}: {type(exc).__name__}")
-        del out
     best = {name: min(t[name] for t in times.values() if name in t) for name, _ in shapes}
     ranked = sorted((math.exp(sum(math.log(t[n] / best[n]) for n in best) / len(best)), i)
                     for i, t in times.items() if len(t) == len(best))
@@ -374,15 +376,15 @@ def run_sweep(report: Report) -> None:
 
 def markdown(report: Report) -> str:
     lines = [f"# Triton paged attention on {report.device}",
-             f"torch {report.torch}, triton {report.triton}, python {report.python}, {report.date}; "
-             f"device-to-device copy bandwidth {report.copy_gbps:.0f} GB/s", "",
+             (f"torch {report.torch}, triton {report.triton}, python {report.python}, {report.date}; "
+              f"device-to-device copy bandwidth {report.copy_gbps:.0f} GB/s"), "",
              "## Correctness vs paged_attention_torch (fp32)", "", "| check | max abs err | tol | ok |",
              "|---|---|---|---|"]
     lines += [f"| {c.name} | {c.max_abs_err:.2e} | {c.tol:.0e} | {'yes' if c.passed else '**NO**'} |"
               for c in report.checks]
     lines += ["", "## Decode, Llama-3.1-8B heads (32/8, d=128), bf16, block 16 — µs per call", "",
-              "| batch | context | split | triton | triton (graph) | torch gather+SDPA | SDPA contiguous | "
-              "KV MB | GB/s (graph) | % copy BW | speedup vs torch paged | vs SDPA contiguous |",
+              ("| batch | context | split | triton | triton (graph) | torch gather+SDPA | SDPA contiguous | "
+               "KV MB | GB/s (graph) | % copy BW | speedup vs torch paged | vs SDPA contiguous |"),
               "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in report.decode:
         lines.append(f"| {r.batch} | {r.context} | {r.partition_size} | {r.triton_us:.1f} | {r.triton_graph_us:.1f} | "

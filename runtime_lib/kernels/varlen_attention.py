@@ -25,8 +25,15 @@ import torch
 import triton
 import triton.language as tl
 
-from runtime_lib.kernels.paged_attention import (DEFAULT_DECODE_TUNING, LOG2E, DecodeTuning,
-                                                 check_paged_inputs, interpreter_dot_upcast, launch_decode, mma)
+from runtime_lib.kernels.paged_attention import (
+    DEFAULT_DECODE_TUNING,
+    LOG2E,
+    DecodeTuning,
+    check_paged_inputs,
+    interpreter_dot_upcast,
+    launch_decode,
+    mma,
+)
 
 
 @triton.jit

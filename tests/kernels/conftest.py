@@ -11,7 +11,7 @@ import types
 
 os.environ["TRITON_INTERPRET"] = "1"
 
-import pytest  # noqa: E402
+import pytest
 
 triton = pytest.importorskip("triton")
 
