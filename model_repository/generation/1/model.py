@@ -1,0 +1,520 @@
+"""Triton `generation` model: a thin, decoupled adapter around runtime_lib's LLMEngine.
+
+`execute()` only validates inputs and enqueues engine requests (one per batch row). The engine
+thread hands each step's output to `_on_output`, which only enqueues; a response thread sends
+(coalescing several steps of one sequence into one response when they back up), and a watcher
+thread polls `is_cancelled()` every `cancellation_check_period_ms` and turns it into
+`engine.abort` (each poll is an IPC round trip, so never per step). A request with `stop=true`
+aborts the running request that has the same request id (tensorrtllm_backend's cancel path).
+Every Triton request gets exactly one response with the final flag, errors included.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.dont_write_bytecode = True  # a __pycache__ dir in the model repository would look like a model
+import _llm_common  # noqa: E402  (stdlib only: must run before numpy/torch imports)
+
+_llm_common.bootstrap(__file__)
+sys.dont_write_bytecode = False
+
+import json  # noqa: E402
+import queue  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+import uuid  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
+from typing import Any  # noqa: E402
+
+import numpy as np  # noqa: E402
+import triton_python_backend_utils as pb_utils  # noqa: E402
+from _llm_common import InputError, ModelParameters, RequestInputs, error_response  # noqa: E402
+
+from runtime_lib.config import SamplingConfig  # noqa: E402
+from runtime_lib.tokenizer import from_word_list_format  # noqa: E402
+
+FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+_UNSUPPORTED = {
+    "return_context_logits": "this engine does not return context logits",
+    "return_generation_logits": "this engine does not return generation logits",
+    "embedding_bias": "this engine has no embedding bias",
+    "prompt_embedding_table": "this engine has no prompt tuning",
+    "prompt_vocab_size": "this engine has no prompt tuning",
+    "lora_task_id": "this engine has no LoRA support",
+    "lora_weights": "this engine has no LoRA support",
+    "lora_config": "this engine has no LoRA support",
+}
+
+
+@dataclass(eq=False)
+class _Sequence:
+    token_ids: list[int] = field(default_factory=list)
+    log_probs: list[float] = field(default_factory=list)
+    cum_log_prob: float = 0.0
+    finish_reason: str | None = None
+
+
+@dataclass(eq=False)
+class _Row:
+    """One batch row of a Triton request = one engine request."""
+
+    batch_index: int
+    engine_id: str
+    prompt_ids: list[int]
+    num_sequences: int
+    sequences: dict[int, _Sequence] = field(default_factory=dict)
+
+    @property
+    def finished(self) -> bool:
+        return (len(self.sequences) >= self.num_sequences
+                and all(s.finish_reason is not None for s in self.sequences.values()))
+
+
+@dataclass(eq=False)
+class _Call:
+    """One Triton request and where its response stream stands."""
+
+    request: Any
+    sender: Any
+    request_id: str
+    streaming: bool
+    exclude_input: bool
+    end_id: int
+    outputs: frozenset[str]
+    rows: dict[str, _Row] = field(default_factory=dict)
+    final_sent: bool = False
+    cancelled_at: float | None = None
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class TritonPythonModel:
+    def initialize(self, args: dict[str, Any]) -> None:
+        from runtime_lib.engine import EngineBusyError, EngineConfig, LLMEngine
+
+        self.model_config = json.loads(args["model_config"])
+        params = ModelParameters(self.model_config)
+        device = params.str("device", "auto")
+        if device == "auto":
+            import torch
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self._busy_error = EngineBusyError
+        self.engine = LLMEngine(EngineConfig(
+            model_dir=params.model_dir(),
+            device=device,
+            dtype=params.str("dtype"),
+            max_num_seqs=params.int("max_batch_size", 64, lo=1),
+            max_num_batched_tokens=params.int("max_num_tokens", 2048, lo=1),
+            block_size=params.int("tokens_per_block", 16, lo=1),
+            num_kv_blocks=params.int("num_kv_blocks", None, lo=1),
+            kv_cache_memory_fraction=params.float("kv_cache_free_gpu_mem_fraction", 0.9, 0.0, 1.0),
+            enable_prefix_caching=params.bool("enable_kv_cache_reuse", True),
+            max_queue_size=params.int("max_queue_size", 1024, lo=1),
+        ))
+        self.tokenizer = self.engine.tokenizer
+        self._poll_s = params.int("cancellation_check_period_ms", 20, lo=1) / 1000.0
+        self._outputs: queue.SimpleQueue = queue.SimpleQueue()
+        self._calls: dict[str, _Call] = {}  # engine request id -> call
+        self._by_request_id: dict[str, list[_Call]] = {}
+        self._calls_lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._metrics = _Metrics(self.engine)
+        self._threads = [threading.Thread(target=self._respond_loop, name="generation-respond", daemon=True),
+                         threading.Thread(target=self._watch_loop, name="generation-watch", daemon=True)]
+        for t in self._threads:
+            t.start()
+        pb_utils.Logger.log_info(f"generation: engine ready on {device}, max_input_len="
+                                 f"{self.engine.max_input_len}, max_seq_len={self.engine.max_seq_len}")
+
+    # --- requests in -------------------------------------------------------------------------
+
+    def execute(self, requests: list[Any]) -> None:
+        for request in requests:
+            sender = request.get_response_sender()
+            try:
+                self._accept(request, sender)
+            except InputError as e:
+                self._fail(sender, str(e), "INVALID_ARG")
+            except self._busy_error as e:
+                self._fail(sender, f"server busy: {e}", "UNAVAILABLE")
+            except ValueError as e:  # the engine's own validation names the field too
+                self._fail(sender, str(e), "INVALID_ARG")
+            except Exception as e:  # one request's failure must never reach the stub
+                pb_utils.Logger.log_error(f"generation: request failed: {e!r}")
+                self._fail(sender, f"internal error: {e}", "INTERNAL")
+        return None
+
+    def _fail(self, sender: Any, message: str, code: str) -> None:
+        try:
+            sender.send(error_response(pb_utils, message, code), flags=FINAL)
+        except Exception as e:
+            pb_utils.Logger.log_error(f"generation: could not send error response: {e!r}")
+
+    def _accept(self, request: Any, sender: Any) -> None:
+        inputs = RequestInputs(request, pb_utils)
+        request_id = request.request_id() or ""
+        if inputs.scalar("stop", "bool", False)[0]:
+            self._stop(request_id, sender)
+            return
+        plan = self._parse(inputs)
+        call = _Call(request=request, sender=sender, request_id=request_id,
+                     streaming=plan["streaming"], exclude_input=plan["exclude_input"],
+                     end_id=plan["end_id"], outputs=frozenset(request.requested_output_names()))
+        for b, (prompt, sampling) in enumerate(zip(plan["prompts"], plan["samplings"])):
+            engine_id = f"{request_id or 'req'}-{uuid.uuid4().hex[:12]}"
+            num_sequences = sampling.num_return_sequences or 1
+            call.rows[engine_id] = _Row(b, engine_id, prompt, num_sequences)
+        with self._calls_lock:
+            for engine_id in call.rows:
+                self._calls[engine_id] = call
+            if request_id:
+                self._by_request_id.setdefault(request_id, []).append(call)
+        added: list[str] = []
+        try:
+            for (engine_id, row), sampling in zip(call.rows.items(), plan["samplings"]):
+                self.engine.add_request(engine_id, row.prompt_ids, sampling, on_output=self._on_output)
+                added.append(engine_id)
+        except BaseException:
+            for engine_id in added:
+                self.engine.abort(engine_id)
+            call.final_sent = True  # the caller sends the error; late outputs are dropped
+            self._forget(call)
+            raise
+        self._metrics.on_request()
+
+    def _parse(self, inputs: RequestInputs) -> dict[str, Any]:
+        for name, why in _UNSUPPORTED.items():
+            inputs.reject_if_set(name, why)
+        ids = inputs.array("input_ids")
+        if ids is None:
+            raise InputError("input_ids is required")
+        if ids.dtype.kind not in "iu":
+            raise InputError(f"input_ids must be INT32, got {ids.dtype}")
+        if ids.ndim == 1:
+            ids = ids[None, :]
+        if ids.ndim != 2:
+            raise InputError(f"input_ids must have shape [batch, tokens], got {list(ids.shape)}")
+        batch = ids.shape[0]
+        lengths = inputs.scalar("input_lengths", "int", ids.shape[1], batch, lo=1, hi=ids.shape[1])
+        vocab = self.tokenizer.vocab_size
+        max_input_len = self.engine.max_input_len
+        prompts = []
+        for b in range(batch):
+            prompt = ids[b, :lengths[b]].tolist()
+            if not prompt:
+                raise InputError("input_ids must hold at least one token")
+            if len(prompt) > max_input_len:
+                raise InputError(f"input_ids has {len(prompt)} tokens, more than max_input_len "
+                                 f"{max_input_len} (the prompt is too long)")
+            bad = [t for t in prompt if not 0 <= t < vocab]
+            if bad:
+                raise InputError(f"input_ids must be token ids in [0, {vocab - 1}], got {bad[0]}")
+            prompts.append(prompt)
+
+        def row_values(names, kind, default, **kw):
+            return inputs.scalar(names, kind, default, batch, **kw)
+
+        max_new = row_values("request_output_len", "int", None, lo=1, required=True)
+        end_ids = row_values("end_id", "int", self.tokenizer.end_id, lo=-1)
+        pad_ids = row_values("pad_id", "int", self.tokenizer.pad_id, lo=-1)
+        beams = row_values("beam_width", "int", 1, lo=1)
+        num_seqs = row_values("num_return_sequences", "int", None, lo=1)
+        temperature = row_values("temperature", "float", 1.0, lo=0.0)
+        top_k_sent = inputs.array("runtime_top_k") is not None
+        top_p_sent = inputs.array("runtime_top_p") is not None
+        # TensorRT-LLM's defaults: greedy unless top_k/top_p is sent; top_p alone disables top_k.
+        top_k = row_values("runtime_top_k", "int", 0 if top_p_sent else 1, lo=0)
+        top_p = row_values("runtime_top_p", "float", 0.0, lo=0.0, hi=1.0)
+        min_p = row_values("min_p", "float", 0.0, lo=0.0, hi=1.0)
+        len_penalty = row_values("len_penalty", "float", 1.0)
+        early = row_values("early_stopping", "bool", True)
+        rep = row_values("repetition_penalty", "float", 1.0, lo=0.0, lo_open=True)
+        presence = row_values("presence_penalty", "float", 0.0, lo=-2.0, hi=2.0)
+        frequency = row_values("frequency_penalty", "float", 0.0, lo=-2.0, hi=2.0)
+        min_tokens = row_values(("min_tokens", "min_length"), "int", 1, lo=0)
+        seeds = row_values(("seed", "random_seed"), "int", None, lo=0)
+        ignore_eos = row_values("ignore_eos", "bool", False)
+        log_probs = row_values("return_log_probs", "bool", False)
+        stop_name, stop_arr = "stop_words_list", inputs.array("stop_words_list")
+        bad_name, bad_arr = "bad_words_list", inputs.array("bad_words_list")
+        samplings = []
+        for b in range(batch):
+            sampling_kwargs = dict(
+                end_id=end_ids[b], pad_id=pad_ids[b], max_new_tokens=max_new[b], num_beams=beams[b],
+                num_return_sequences=num_seqs[b], temperature=temperature[b], top_k=top_k[b],
+                top_p=top_p[b], min_p=min_p[b], length_penalty=len_penalty[b],
+                early_stopping=int(early[b]), repetition_penalty=rep[b], presence_penalty=presence[b],
+                frequency_penalty=frequency[b], min_length=min_tokens[b], random_seed=seeds[b],
+                ignore_eos=ignore_eos[b], output_log_probs=log_probs[b],
+                output_cum_log_probs=log_probs[b],
+                stop_words_list=_word_list(stop_name, stop_arr, b, batch),
+                bad_words_list=_word_list(bad_name, bad_arr, b, batch))
+            try:
+                samplings.append(SamplingConfig(**sampling_kwargs))
+            except ValueError as e:
+                raise InputError(str(e)) from None
+        return dict(prompts=prompts, samplings=samplings, end_id=end_ids[0],
+                    streaming=bool(inputs.scalar("streaming", "bool", False)[0]),
+                    exclude_input=bool(inputs.scalar("exclude_input_in_output", "bool", False)[0]))
+
+    def _stop(self, request_id: str, sender: Any) -> None:
+        if not request_id:
+            raise InputError("stop=true needs the request id of the request to stop")
+        with self._calls_lock:
+            calls = list(self._by_request_id.get(request_id, ()))
+        for call in calls:
+            self._abort(call)
+        sender.send(flags=FINAL)
+
+    # --- engine outputs -> responses ---------------------------------------------------------
+
+    def _on_output(self, output: Any) -> None:
+        # Engine thread: only enqueue.
+        self._outputs.put(output)
+
+    def _respond_loop(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                first = self._outputs.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            batch = [first]
+            while True:  # drain what backed up: one response per sequence, several tokens each
+                try:
+                    batch.append(self._outputs.get_nowait())
+                except queue.Empty:
+                    break
+            groups: dict[tuple[str, int], list[Any]] = {}
+            for out in batch:
+                groups.setdefault((out.request_id, out.sequence_index), []).append(out)
+            for (engine_id, _), outs in groups.items():
+                with self._calls_lock:
+                    call = self._calls.get(engine_id)
+                if call is None:
+                    continue
+                try:
+                    self._handle(call, call.rows[engine_id], outs)
+                except Exception as e:
+                    pb_utils.Logger.log_error(f"generation: response for {engine_id} failed: {e!r}")
+                    self._finish(call, error=f"internal error while responding: {e}")
+
+    def _handle(self, call: _Call, row: _Row, outs: list[Any]) -> None:
+        if call.final_sent:
+            return
+        errors = [o.error for o in outs if o.error]
+        if errors:
+            self._finish(call, error=errors[0])
+            return
+        last = outs[-1]
+        seq = row.sequences.setdefault(last.sequence_index, _Sequence())
+        new_ids = [t for o in outs for t in o.new_token_ids]
+        new_lps = [lp for o in outs for lp in (o.new_log_probs or ())]
+        seq.token_ids += new_ids
+        seq.log_probs += new_lps
+        if last.cum_log_prob is not None:
+            seq.cum_log_prob = last.cum_log_prob
+        if last.finished:
+            seq.finish_reason = last.finish_reason or "stop"
+            self._metrics.on_sequence_done(len(seq.token_ids))
+        call_done = all(r.finished for r in call.rows.values())
+        if call.streaming:
+            if not new_ids and not last.finished:
+                return
+            response = self._response(call, row, [(last.sequence_index, seq, new_ids, new_lps)])
+            self._send(call, response, final=call_done)
+        elif row.finished:
+            items = [(i, s, s.token_ids, s.log_probs) for i, s in sorted(row.sequences.items())]
+            self._send(call, self._response(call, row, items), final=call_done)
+
+    def _response(self, call: _Call, row: _Row, items: list[tuple[int, _Sequence, list[int], list[float]]]) -> Any:
+        """Tensors for one batch row: `[1, num_sequences, tokens]` like tensorrtllm_backend."""
+        prefix = [] if (call.streaming or call.exclude_input) else row.prompt_ids
+        width = max(len(prefix) + len(ids) for _, _, ids, _ in items)
+        output_ids = np.full((1, len(items), width), call.end_id, dtype=np.int32)
+        lengths = np.zeros((1, len(items)), dtype=np.int32)
+        for k, (_, _, ids, _) in enumerate(items):
+            full = prefix + ids
+            output_ids[0, k, :len(full)] = full
+            lengths[0, k] = len(full)
+        wanted = call.outputs
+        tensors = [pb_utils.Tensor("output_ids", output_ids)]
+        if not wanted or "sequence_length" in wanted:
+            tensors.append(pb_utils.Tensor("sequence_length", lengths))
+        if not wanted or "cum_log_probs" in wanted:
+            tensors.append(pb_utils.Tensor("cum_log_probs", np.array(
+                [[s.cum_log_prob for _, s, _, _ in items]], dtype=np.float32)))
+        if not wanted or "output_log_probs" in wanted:
+            lp_width = max(len(lps) for _, _, _, lps in items)
+            lps_arr = np.zeros((1, len(items), lp_width), dtype=np.float32)
+            for k, (_, _, _, lps) in enumerate(items):
+                lps_arr[0, k, :len(lps)] = lps
+            tensors.append(pb_utils.Tensor("output_log_probs", lps_arr))
+        if not wanted or "batch_index" in wanted:
+            tensors.append(pb_utils.Tensor("batch_index", np.array([[row.batch_index]], dtype=np.int32)))
+        if not wanted or "sequence_index" in wanted:
+            tensors.append(pb_utils.Tensor("sequence_index", np.array([[items[0][0]]], dtype=np.int32)))
+        if not wanted or "finish_reason" in wanted:
+            reasons = [(s.finish_reason or "").encode() for _, s, _, _ in items]
+            tensors.append(pb_utils.Tensor("finish_reason", np.array([reasons], dtype=np.object_)))
+        return pb_utils.InferenceResponse(output_tensors=tensors)
+
+    def _send(self, call: _Call, response: Any, final: bool) -> None:
+        with call.lock:
+            if call.final_sent:
+                return
+            if final:
+                call.final_sent = True
+        try:
+            call.sender.send(response, flags=FINAL if final else 0)
+        except Exception as e:  # the client may be gone; never let it reach the stub
+            pb_utils.Logger.log_warn(f"generation: send failed for {call.request_id!r}: {e!r}")
+            if not final:
+                self._abort(call)
+        if final:
+            self._forget(call)
+
+    def _finish(self, call: _Call, error: str | None = None) -> None:
+        """Send the final flag (with an error if given) unless already sent; abort what still runs."""
+        with call.lock:
+            if call.final_sent:
+                return
+            call.final_sent = True
+        for engine_id, row in call.rows.items():
+            if not row.finished:
+                self.engine.abort(engine_id)
+        try:
+            if error is not None:
+                call.sender.send(error_response(pb_utils, error, "INTERNAL"), flags=FINAL)
+            else:
+                call.sender.send(flags=FINAL)
+        except Exception as e:
+            pb_utils.Logger.log_warn(f"generation: final send failed for {call.request_id!r}: {e!r}")
+        self._forget(call)
+
+    def _forget(self, call: _Call) -> None:
+        with self._calls_lock:
+            for engine_id in call.rows:
+                self._calls.pop(engine_id, None)
+            same = self._by_request_id.get(call.request_id)
+            if same is not None:
+                same[:] = [c for c in same if c is not call]
+                if not same:
+                    del self._by_request_id[call.request_id]
+
+    # --- cancellation ------------------------------------------------------------------------
+
+    def _abort(self, call: _Call) -> None:
+        if call.cancelled_at is None:
+            call.cancelled_at = time.monotonic()
+        for engine_id, row in call.rows.items():
+            if not row.finished:
+                self.engine.abort(engine_id)
+
+    def _watch_loop(self) -> None:
+        while not self._stopping.wait(self._poll_s):
+            with self._calls_lock:
+                calls = {id(c): c for c in self._calls.values()}.values()
+            now = time.monotonic()
+            for call in calls:
+                try:
+                    if call.cancelled_at is None and call.request.is_cancelled():
+                        self._abort(call)
+                    elif call.cancelled_at is not None and now - call.cancelled_at > 10.0:
+                        # The engine never confirmed the abort: don't leave the client hanging.
+                        self._finish(call, error="request was cancelled")
+                except Exception as e:
+                    pb_utils.Logger.log_warn(f"generation: cancellation check failed: {e!r}")
+            self._metrics.update()
+
+    def finalize(self) -> None:
+        self._stopping.set()
+        with self._calls_lock:
+            calls = {id(c): c for c in self._calls.values()}.values()
+        for call in calls:
+            self._finish(call, error="the model is being unloaded")
+        try:
+            self.engine.shutdown()
+        except Exception as e:
+            pb_utils.Logger.log_warn(f"generation: engine shutdown failed: {e!r}")
+
+
+def _word_list(name: str, arr: Any, row: int, batch: int) -> list[list[int]] | None:
+    if arr is None or arr.size == 0:
+        return None
+    if arr.dtype.kind not in "iu":
+        raise InputError(f"{name} must be INT32, got {arr.dtype}")
+    if arr.ndim != 3 or arr.shape[0] not in (1, batch):
+        raise InputError(f"{name} must have shape [batch, 2, L], got {list(arr.shape)}")
+    try:
+        words = from_word_list_format(arr[row if arr.shape[0] > 1 else 0], field=name)
+    except ValueError as e:
+        raise InputError(str(e)) from None
+    return words or None
+
+
+class _Metrics:
+    """DESIGN §7 metrics in Triton's Prometheus endpoint, from `engine.stats()` and the stream.
+    A metric failure is logged once and turns metrics off; it never fails a request."""
+
+    _GAUGES = (("requests_waiting", "Requests queued in the engine", ("num_waiting", "waiting")),
+               ("requests_running", "Requests running in the engine", ("num_running", "running")),
+               ("kv_blocks_used", "KV cache blocks in use", ("num_kv_blocks_used", "kv_blocks_used")),
+               ("kv_blocks_free", "KV cache blocks free", ("num_kv_blocks_free", "kv_blocks_free")),
+               ("prefix_cache_hit_rate", "Fraction of prompt tokens served from the prefix cache",
+                ("prefix_cache_hit_rate", "prefix_hit_rate")))
+
+    def __init__(self, engine: Any) -> None:
+        self.engine = engine
+        self._last_update = 0.0
+        self.enabled = True
+        # Families must outlive their metrics: keep references to both.
+        self._families: list[Any] = []
+        try:
+            self._gauges = {name: self._metric(f"llm_{name}", desc, pb_utils.MetricFamily.GAUGE)
+                            for name, desc, _ in self._GAUGES}
+            self._requests = self._metric("llm_requests_total", "Requests accepted by the generation model",
+                                          pb_utils.MetricFamily.COUNTER)
+            self._tokens = self._metric("llm_generated_tokens_total", "Tokens generated",
+                                        pb_utils.MetricFamily.COUNTER)
+        except Exception as e:  # metrics disabled on this server: serving still works
+            self._disable(e)
+
+    def _metric(self, name: str, description: str, kind: Any) -> Any:
+        family = pb_utils.MetricFamily(name=name, description=description, kind=kind)
+        self._families.append(family)
+        return family.Metric(labels={})
+
+    def _disable(self, error: Exception) -> None:
+        pb_utils.Logger.log_warn(f"generation: metrics disabled: {error!r}")
+        self.enabled = False
+
+    def on_request(self) -> None:
+        if self.enabled:
+            try:
+                self._requests.increment(1)
+            except Exception as e:
+                self._disable(e)
+
+    def on_sequence_done(self, num_tokens: int) -> None:
+        if self.enabled:
+            try:
+                self._tokens.increment(num_tokens)
+            except Exception as e:
+                self._disable(e)
+
+    def update(self) -> None:
+        now = time.monotonic()
+        if not self.enabled or now - self._last_update < 0.1:
+            return
+        self._last_update = now
+        try:
+            stats = self.engine.stats()
+            for name, _, attrs in self._GAUGES:
+                for attr in attrs:
+                    value = getattr(stats, attr, None)
+                    if value is not None:
+                        self._gauges[name].set(float(value))
+                        break
+        except Exception as e:
+            self._disable(e)

@@ -1,0 +1,70 @@
+"""Triton `postprocessing` model (tensorrtllm_backend's contract): TOKENS_BATCH `[batch, beams,
+tokens]` (+ SEQUENCE_LENGTH `[batch, beams]`) -> OUTPUT, one string per beam, flattened to
+`[batch * beams]` as tensorrtllm_backend returns it. Decoding is runtime_lib.tokenizer's."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.dont_write_bytecode = True  # a __pycache__ dir in the model repository would look like a model
+import _llm_common  # noqa: E402  (stdlib only: must run before numpy imports)
+
+_llm_common.bootstrap(__file__)
+sys.dont_write_bytecode = False
+
+import json  # noqa: E402
+from typing import Any  # noqa: E402
+
+import numpy as np  # noqa: E402
+import triton_python_backend_utils as pb_utils  # noqa: E402
+from _llm_common import InputError, ModelParameters, RequestInputs, error_response  # noqa: E402
+
+from runtime_lib.tokenizer import load_tokenizer  # noqa: E402
+
+
+class TritonPythonModel:
+    def initialize(self, args: dict[str, Any]) -> None:
+        params = ModelParameters(json.loads(args["model_config"]))
+        self.tokenizer = load_tokenizer(params.model_dir())
+        self.skip_special_tokens = params.bool("skip_special_tokens", True)
+
+    def execute(self, requests: list[Any]) -> list[Any]:
+        responses = []
+        for request in requests:
+            try:
+                responses.append(self._process(RequestInputs(request, pb_utils)))
+            except InputError as e:
+                responses.append(error_response(pb_utils, str(e)))
+            except Exception as e:  # one request's failure must never reach the stub
+                pb_utils.Logger.log_error(f"postprocessing: request failed: {e!r}")
+                responses.append(error_response(pb_utils, f"internal error: {e}", "INTERNAL"))
+        return responses
+
+    def _process(self, inputs: RequestInputs) -> Any:
+        tokens = inputs.array("TOKENS_BATCH")
+        if tokens is None:
+            raise InputError("TOKENS_BATCH is required")
+        if tokens.dtype.kind not in "iu":
+            raise InputError(f"TOKENS_BATCH must be INT32, got {tokens.dtype}")
+        if tokens.ndim == 2:
+            tokens = tokens[:, None, :]
+        if tokens.ndim != 3:
+            raise InputError(f"TOKENS_BATCH must have shape [batch, beams, tokens], got {list(tokens.shape)}")
+        lengths = inputs.array("SEQUENCE_LENGTH")
+        if lengths is None:
+            lengths = np.full(tokens.shape[:2], tokens.shape[2], dtype=np.int32)
+        lengths = lengths.reshape(tokens.shape[0], -1)
+        if lengths.shape[1] != tokens.shape[1]:
+            raise InputError(f"SEQUENCE_LENGTH must have shape [batch, beams] = {list(tokens.shape[:2])}, "
+                             f"got {list(lengths.shape)}")
+        texts = []
+        for b in range(tokens.shape[0]):
+            for k in range(tokens.shape[1]):
+                n = int(lengths[b, k])
+                if not 0 <= n <= tokens.shape[2]:
+                    raise InputError(f"SEQUENCE_LENGTH must be in [0, {tokens.shape[2]}], got {n}")
+                texts.append(self.tokenizer.decode(tokens[b, k, :n].tolist(), self.skip_special_tokens)
+                             .encode("utf-8"))
+        return pb_utils.InferenceResponse(output_tensors=[
+            pb_utils.Tensor("OUTPUT", np.array(texts, dtype=np.object_))])
