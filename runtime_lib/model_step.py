@@ -25,7 +25,11 @@ class StepRow:
 
 
 def build_step_inputs(rows: Sequence[StepRow], block_size: int, device: torch.device | str) -> dict:
-    """Host lists -> the named tensors `Session.run` takes. One host->device copy per tensor."""
+    """Host lists -> the named tensors `Session.run` takes.
+
+    On CUDA the int64 fields and the int32 fields each travel in one pinned host buffer (two
+    asynchronous host->device copies per step, the tensors are views of them); elsewhere one
+    tensor per field."""
     input_ids: list[int] = []
     positions: list[int] = []
     slots: list[int] = []
@@ -33,37 +37,55 @@ def build_step_inputs(rows: Sequence[StepRow], block_size: int, device: torch.de
     seq_lens: list[int] = []
     logits_indices: list[int] = []
     width = max(len(r.block_table) for r in rows)
-    tables: list[list[int]] = []
+    tables: list[int] = []  # (B * width) row-major, padded with block 0
     for r in rows:
         n = len(r.token_ids)
         first = len(input_ids)
         input_ids += r.token_ids
-        positions += range(r.start_pos, r.start_pos + n)
         table = r.block_table
-        slots += [table[p // block_size] * block_size + p % block_size
-                  for p in range(r.start_pos, r.start_pos + n)]
+        if n == 1:  # decode row: skip the range/comprehension machinery
+            p = r.start_pos
+            positions.append(p)
+            slots.append(table[p // block_size] * block_size + p % block_size)
+        else:
+            positions += range(r.start_pos, r.start_pos + n)
+            slots += [table[p // block_size] * block_size + p % block_size
+                      for p in range(r.start_pos, r.start_pos + n)]
         query_lens.append(n)
         seq_lens.append(r.start_pos + n)
-        tables.append(table + [0] * (width - len(table)))
+        tables += table
+        if len(table) < width:
+            tables += [0] * (width - len(table))
         if r.all_logits:
             logits_indices += range(first, first + n)
         elif r.needs_logits:
             logits_indices.append(first + n - 1)
 
-    def t(values, dtype=torch.int32):
-        return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
-
-    return {
-        "input_ids": t(input_ids, torch.int64),
-        "position_ids": t(positions, torch.int64),
-        "query_lengths": t(query_lens),
-        "sequence_lengths": t(seq_lens),
-        "kv_cache_block_offsets": t(tables),
-        "slot_mapping": t(slots, torch.int64),
-        "logits_indices": t(logits_indices, torch.int64),
-        "host_max_query_length": max(query_lens),
-        "host_max_sequence_length": max(seq_lens),
-    }
+    T, B, N = len(input_ids), len(rows), len(logits_indices)
+    device = torch.device(device)
+    if device.type == "cuda":
+        host64 = torch.tensor(input_ids + positions + slots + logits_indices, dtype=torch.int64).pin_memory()
+        host32 = torch.tensor(query_lens + seq_lens + tables, dtype=torch.int32).pin_memory()
+        dev64 = host64.to(device, non_blocking=True)
+        dev32 = host32.to(device, non_blocking=True)
+        fields = {
+            "input_ids": dev64[:T], "position_ids": dev64[T:2 * T], "slot_mapping": dev64[2 * T:3 * T],
+            "logits_indices": dev64[3 * T:3 * T + N], "query_lengths": dev32[:B],
+            "sequence_lengths": dev32[B:2 * B], "kv_cache_block_offsets": dev32[2 * B:].view(B, width),
+        }
+    else:
+        fields = {
+            "input_ids": torch.tensor(input_ids, dtype=torch.int64, device=device),
+            "position_ids": torch.tensor(positions, dtype=torch.int64, device=device),
+            "query_lengths": torch.tensor(query_lens, dtype=torch.int32, device=device),
+            "sequence_lengths": torch.tensor(seq_lens, dtype=torch.int32, device=device),
+            "kv_cache_block_offsets": torch.tensor(tables, dtype=torch.int32, device=device).view(B, width),
+            "slot_mapping": torch.tensor(slots, dtype=torch.int64, device=device),
+            "logits_indices": torch.tensor(logits_indices, dtype=torch.int64, device=device),
+        }
+    fields["host_max_query_length"] = max(query_lens)
+    fields["host_max_sequence_length"] = max(seq_lens)
+    return fields
 
 
 def apply_block_copies(kv_cache: torch.Tensor, copies: Sequence[BlockCopy]) -> None:

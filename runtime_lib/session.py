@@ -11,12 +11,18 @@ Inputs of `run` (names as TRT-LLM's, tokens flattened across B sequences, T toke
     host_max_query_length / host_max_sequence_length (Python ints: no device sync),
     optional slot_mapping (T,) int64 (derived on device when absent).
 Output: logits (N, vocab) float32.
+
+CUDA graphs: after `enable_cuda_graphs(kv_cache, ...)`, a decode-only step (one token per
+sequence) over that pool replays a captured graph (runtime_lib/cuda_graph.py) instead of
+running eagerly; prefill and mixed steps stay eager. The replayed logits are a view of the
+graph's static output, valid until the next `run` over the same pool.
 """
 from __future__ import annotations
 
 import contextlib
 import json
 import struct
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -80,6 +86,10 @@ class Session:
         self._backend = backend
         self._model_config = model_config
         self._build_config = dict(build_config or {})
+        # Runners are owned by whoever owns their KV pool (engine, GenerationSession); the
+        # Session only looks them up, so a dropped owner frees its graphs and pool.
+        self._graph_runners: weakref.WeakSet = weakref.WeakSet()
+        self.compile_decode_graphs = False  # torch.compile the captured decode step (Llama family)
 
     # --- construction -----------------------------------------------------------------------
     @classmethod
@@ -161,6 +171,52 @@ class Session:
         """A zeroed KV pool on this session's device, in the model's dtype unless told."""
         return allocate_kv_cache(self._model_config, num_blocks, block_size, self.device, dtype)
 
+    # --- CUDA graphs ------------------------------------------------------------------------
+    def enable_cuda_graphs(self, kv_cache: torch.Tensor, *, max_batch_size: int, max_seq_len: int,
+                           scratch_block: int, compile: bool | None = None):
+        """Replay decode steps over `kv_cache` from CUDA graphs (captured lazily per bucket).
+
+        `scratch_block`: a block of the pool no sequence owns (allocate one extra). Returns the
+        `DecodeGraphRunner`, which the caller must keep alive for as long as graphs should be
+        used (the Session holds it weakly), or None when graphs do not apply: not on CUDA, a
+        model whose step cannot be captured, or RUNTIME_LIB_CUDA_GRAPHS=0."""
+        from .cuda_graph import (DecodeGraphRunner, cuda_graphs_disabled_by_env, graph_unsupported_reason,
+                                 make_compiled_decode_forward, supports_compiled_decode)
+
+        model = self.model
+        if (kv_cache.device.type != "cuda" or self.device.type != "cuda" or model is None
+                or cuda_graphs_disabled_by_env() or graph_unsupported_reason(model) is not None):
+            return None
+        self.disable_cuda_graphs(kv_cache)
+        compile = self.compile_decode_graphs if compile is None else compile
+        forward = self._backend.forward
+        if compile and supports_compiled_decode(model):
+            forward = make_compiled_decode_forward(model)
+        runner = DecodeGraphRunner(forward, kv_cache, max_batch_size=max_batch_size, max_seq_len=max_seq_len,
+                                   scratch_block=scratch_block)
+        self._graph_runners.add(runner)
+        return runner
+
+    def disable_cuda_graphs(self, kv_cache: torch.Tensor | None = None) -> None:
+        """Stop replaying graphs over `kv_cache` (every pool when None)."""
+        for runner in list(self._graph_runners):
+            if kv_cache is None or runner.kv_cache is kv_cache:
+                self._graph_runners.discard(runner)
+
+    def _graph_runner_for(self, inputs: dict[str, torch.Tensor | int]):
+        """The runner that can replay this step, or None (host-side checks only, no sync)."""
+        if not self._graph_runners or int(inputs["host_max_query_length"]) != 1:
+            return None
+        num_rows = inputs["query_lengths"].shape[0]
+        if inputs["input_ids"].shape[0] != num_rows:
+            return None
+        kv_cache = inputs["kv_cache"]
+        for runner in self._graph_runners:
+            if runner.kv_cache is kv_cache and runner.can_run(
+                    num_rows, int(inputs["host_max_sequence_length"]), inputs["kv_cache_block_offsets"].shape[1]):
+                return runner
+        return None
+
     # --- execution --------------------------------------------------------------------------
     def infer_shapes(self, inputs: list[TensorInfo]) -> list[TensorInfo]:
         """Output shapes for the given input shapes: logits (N, vocab_size) float32."""
@@ -185,9 +241,18 @@ class Session:
         ctx = torch.cuda.stream(stream) if stream is not None and self.device.type == "cuda" \
             else contextlib.nullcontext()
         with ctx:
-            meta = self._metadata(inputs)
-            logits = self._backend.forward(inputs["input_ids"], inputs["position_ids"], inputs["kv_cache"],
-                                           meta, inputs["logits_indices"])
+            runner = self._graph_runner_for(inputs)
+            if runner is not None:
+                slot_mapping = inputs.get("slot_mapping")
+                if slot_mapping is None:
+                    slot_mapping = self._metadata(inputs).slot_mapping
+                logits = runner.run(inputs["input_ids"], inputs["position_ids"], slot_mapping,
+                                    inputs["sequence_lengths"].to(torch.int32),
+                                    inputs["kv_cache_block_offsets"].to(torch.int32), inputs["logits_indices"])
+            else:
+                meta = self._metadata(inputs)
+                logits = self._backend.forward(inputs["input_ids"], inputs["position_ids"], inputs["kv_cache"],
+                                               meta, inputs["logits_indices"])
             out = outputs.get("logits")
             if out is None:
                 outputs["logits"] = logits

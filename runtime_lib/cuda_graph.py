@@ -1,0 +1,301 @@
+"""CUDA-graph decode: one captured forward per bucketed batch size, replayed for decode-only steps.
+
+A decode step launches ~40 small kernels per layer; eagerly each costs ~5-10 us of host time,
+replayed from a graph ~1 us. `DecodeGraphRunner` owns static input buffers sized for the
+largest bucket; a step of B rows is copied into rows [0, B) and the graph of the smallest
+bucket G >= B is replayed. Rows [B, G) are padding: token 0 at position 0, written to slot 0 of
+a *scratch* KV block that no sequence owns (the pool is allocated with one extra block) and
+attending only to it (context length 1), so they never touch live cache and stay finite.
+
+Attention inside a graph runs with `max_context_len` fixed to the runner's `max_seq_len`, so
+the split-K decode kernel's partition count is a constant of the graph; programs past a row's
+own context exit at once. Logits are computed for every row of the bucket.
+
+Optionally the decode forward of Llama-family models is `torch.compile`d first (fusing
+RMSNorm, RoPE and SiLU*mul), with write-KV + paged attention as one opaque custom op so
+Dynamo never traces the Triton kernel, and the compiled code is captured in the same graphs.
+
+`Session.enable_cuda_graphs` builds a runner; `Session.run` replays it transparently.
+"""
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+
+from .layers.attention import AttentionMetadata, paged_attention, write_kv
+
+GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+DISABLE_ENV = "RUNTIME_LIB_CUDA_GRAPHS"  # "0" turns graphs off everywhere (debugging)
+
+# forward(input_ids (T,), positions (T,), kv_cache, meta, logits_indices (N,)) -> logits (N, V) fp32
+DecodeForward = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor],
+                         torch.Tensor]
+
+
+def graph_batch_sizes(max_batch_size: int) -> tuple[int, ...]:
+    """The buckets for batches up to `max_batch_size`: the powers of two in GRAPH_BATCH_SIZES
+    below it, then `max_batch_size` itself, so every batch size has a bucket."""
+    if max_batch_size < 1:
+        raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+    sizes = [b for b in GRAPH_BATCH_SIZES if b < max_batch_size]
+    return tuple(sizes + [max_batch_size])
+
+
+def choose_bucket(num_rows: int, buckets: Sequence[int]) -> int | None:
+    """Smallest bucket holding `num_rows` rows; None when the batch is larger than all."""
+    for b in buckets:
+        if b >= num_rows:
+            return b
+    return None
+
+
+def cuda_graphs_disabled_by_env() -> bool:
+    return os.environ.get(DISABLE_ENV, "1").strip().lower() in ("0", "false", "off", "no")
+
+
+def graph_unsupported_reason(model: nn.Module) -> str | None:
+    """Why this model's decode step cannot be captured, or None.
+
+    Dynamic-NTK RoPE picks its frequencies from the longest sequence of the step (a host
+    value that a graph would freeze), so it runs eagerly."""
+    config = getattr(model, "config", None)
+    scaling = getattr(config, "rope_scaling", None) or {}
+    if scaling.get("rope_type", scaling.get("type")) == "dynamic":
+        return "dynamic-NTK rope scaling depends on the step's longest sequence"
+    return None
+
+
+class DecodeGraphRunner:
+    """Static buffers + lazily captured graphs for decode steps over one KV pool.
+
+    `kv_cache`: the pool (num_layers, 2, num_blocks, block_size, kvh, d) the graphs write to;
+    `scratch_block`: a block index in it that no sequence owns (padding rows write there).
+    `max_seq_len` bounds every row's context length (it fixes the attention partitioning).
+    With `use_cuda_graph=False` the same padded static-buffer forward runs eagerly: the CPU
+    tests use it to check padding and bucketing without a GPU.
+    """
+
+    def __init__(self, forward: DecodeForward, kv_cache: torch.Tensor, *, max_batch_size: int,
+                 max_seq_len: int, scratch_block: int, use_cuda_graph: bool | None = None) -> None:
+        if kv_cache.dim() != 6 or kv_cache.shape[1] != 2:
+            raise ValueError(f"kv_cache must be (num_layers, 2, num_blocks, block_size, kvh, d), "
+                             f"got shape {tuple(kv_cache.shape)}")
+        num_blocks, block_size = kv_cache.shape[2], kv_cache.shape[3]
+        if not 0 <= scratch_block < num_blocks:
+            raise ValueError(f"scratch_block must be in [0, {num_blocks}) (the pool's blocks), got {scratch_block}")
+        if max_seq_len < 1:
+            raise ValueError(f"max_seq_len must be >= 1, got {max_seq_len}")
+        self.forward = forward
+        self.kv_cache = kv_cache
+        self.device = kv_cache.device
+        self.block_size = block_size
+        self.scratch_block = scratch_block
+        self.max_seq_len = max_seq_len
+        self.max_blocks_per_seq = math.ceil(max_seq_len / block_size)
+        self.buckets = graph_batch_sizes(max_batch_size)
+        self.use_cuda_graph = self.device.type == "cuda" if use_cuda_graph is None else use_cuda_graph
+        if self.use_cuda_graph and self.device.type != "cuda":
+            raise ValueError(f"use_cuda_graph=True needs a CUDA kv_cache, got device {self.device}")
+        G = self.buckets[-1]
+        dev = self.device
+        self.input_ids = torch.zeros(G, dtype=torch.int64, device=dev)
+        self.positions = torch.zeros(G, dtype=torch.int64, device=dev)
+        self.slot_mapping = torch.zeros(G, dtype=torch.int64, device=dev)
+        self.context_lens = torch.zeros(G, dtype=torch.int32, device=dev)
+        self.block_tables = torch.zeros(G, self.max_blocks_per_seq, dtype=torch.int32, device=dev)
+        self.logits_indices = torch.zeros(G, dtype=torch.int64, device=dev)
+        self.query_lens = torch.ones(G, dtype=torch.int32, device=dev)
+        self.cu_query_lens = torch.arange(G + 1, dtype=torch.int32, device=dev)
+        self._reset_rows(0, G)
+        self._dirty_rows = 0      # rows [0, _dirty_rows) may hold a real step's values
+        self._dirty_logits = 0
+        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._pool = torch.cuda.graph_pool_handle() if self.use_cuda_graph else None
+        self.num_replays = 0
+
+    # ------------------------------------------------------------------ queries
+    @property
+    def max_batch_size(self) -> int:
+        return self.buckets[-1]
+
+    @property
+    def captured_batch_sizes(self) -> tuple[int, ...]:
+        return tuple(sorted(self._graphs))
+
+    def can_run(self, num_rows: int, max_context_len: int, table_width: int) -> bool:
+        return (num_rows <= self.buckets[-1] and max_context_len <= self.max_seq_len
+                and table_width <= self.max_blocks_per_seq)
+
+    # ------------------------------------------------------------------ running
+    def run(self, input_ids: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor,
+            context_lens: torch.Tensor, block_tables: torch.Tensor,
+            logits_indices: torch.Tensor) -> torch.Tensor:
+        """One decode step of B rows (one token each). Returns logits (N, V) float32: a view of
+        the graph's static output, valid until the next `run` of this runner."""
+        B, N, W = input_ids.shape[0], logits_indices.shape[0], block_tables.shape[1]
+        bucket = choose_bucket(B, self.buckets)
+        if bucket is None or W > self.max_blocks_per_seq or N > B:
+            raise ValueError(f"decode step of {B} rows, {N} logits, block table width {W} does not fit this "
+                             f"runner (max {self.buckets[-1]} rows, width {self.max_blocks_per_seq})")
+        if self.use_cuda_graph and bucket not in self._graphs:
+            self._capture(bucket)
+        # Rows a larger earlier step filled go back to padding; steady state does nothing here.
+        if self._dirty_rows > B:
+            self._reset_rows(B, self._dirty_rows)
+        if self._dirty_logits > N:
+            self.logits_indices[N:self._dirty_logits].zero_()
+        self._dirty_rows, self._dirty_logits = B, N
+        self.input_ids[:B].copy_(input_ids, non_blocking=True)
+        self.positions[:B].copy_(positions, non_blocking=True)
+        self.slot_mapping[:B].copy_(slot_mapping, non_blocking=True)
+        self.context_lens[:B].copy_(context_lens, non_blocking=True)
+        self.block_tables[:B, :W].copy_(block_tables, non_blocking=True)  # columns >= W are never read
+        self.logits_indices[:N].copy_(logits_indices, non_blocking=True)
+        if self.use_cuda_graph:
+            graph, logits = self._graphs[bucket]
+            graph.replay()
+        else:
+            logits = self._forward(bucket)
+        self.num_replays += 1
+        return logits[:N]
+
+    def capture(self, batch_sizes: Sequence[int] | None = None) -> None:
+        """Capture graphs now (largest first, so later captures reuse the shared pool) instead
+        of on first use; `batch_sizes` defaults to every bucket."""
+        if not self.use_cuda_graph:
+            return
+        wanted = sorted({choose_bucket(b, self.buckets) or self.buckets[-1]
+                         for b in (batch_sizes or self.buckets)}, reverse=True)
+        for b in wanted:
+            if b not in self._graphs:
+                self._capture(b)
+
+    def _meta(self, bucket: int) -> AttentionMetadata:
+        return AttentionMetadata(
+            query_lens=self.query_lens[:bucket], context_lens=self.context_lens[:bucket],
+            block_tables=self.block_tables[:bucket], slot_mapping=self.slot_mapping[:bucket],
+            max_query_len=1, max_context_len=self.max_seq_len,
+            cu_query_lens=self.cu_query_lens[:bucket + 1], is_decode=True)
+
+    def _forward(self, bucket: int) -> torch.Tensor:
+        return self.forward(self.input_ids[:bucket], self.positions[:bucket], self.kv_cache,
+                            self._meta(bucket), self.logits_indices[:bucket])
+
+    def _capture(self, bucket: int) -> None:
+        # Every row is padding while warming up and capturing: the eager warm-up runs (Triton
+        # JIT, cuBLAS workspaces, torch.compile) write only to the scratch block.
+        self._reset_rows(0, self._dirty_rows)
+        self.logits_indices[:self._dirty_logits].zero_()
+        self._dirty_rows = self._dirty_logits = 0
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side), torch.no_grad():
+            for _ in range(2):
+                self._forward(bucket)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.no_grad(), torch.cuda.graph(graph, pool=self._pool):
+            logits = self._forward(bucket)
+        self._graphs[bucket] = (graph, logits)
+
+    def _reset_rows(self, start: int, stop: int) -> None:
+        """Rows [start, stop) become padding: token 0 at position 0 in the scratch block."""
+        if stop <= start:
+            return
+        self.input_ids[start:stop].zero_()
+        self.positions[start:stop].zero_()
+        self.slot_mapping[start:stop].fill_(self.scratch_block * self.block_size)
+        self.context_lens[start:stop].fill_(1)
+        self.block_tables[start:stop, 0].fill_(self.scratch_block)
+
+
+# ----------------------------------------------------------------------------- compiled decode
+@torch.library.custom_op("runtime_lib::decode_attention", mutates_args=("kv_cache",))
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, layer: int,
+                     slot_mapping: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor,
+                     scale: float, sliding_window: int | None, max_context_len: int) -> torch.Tensor:
+    """Write this step's k/v (B, kvh, d) into `kv_cache[layer]` and attend q (B, h, d) over each
+    row's paged context: one opaque op so torch.compile keeps the Triton kernel out of its trace."""
+    kv_layer = kv_cache[layer]
+    write_kv(kv_layer, k, v, slot_mapping)
+    B = q.shape[0]
+    ones = torch.ones(B, dtype=torch.int32, device=q.device)
+    meta = AttentionMetadata(query_lens=ones, context_lens=context_lens, block_tables=block_tables,
+                             slot_mapping=slot_mapping, max_query_len=1, max_context_len=max_context_len,
+                             cu_query_lens=torch.arange(B + 1, dtype=torch.int32, device=q.device),
+                             is_decode=True)
+    return paged_attention(q, kv_layer, meta, scale, sliding_window).contiguous()
+
+
+@decode_attention.register_fake
+def _(q, k, v, kv_cache, layer, slot_mapping, block_tables, context_lens, scale, sliding_window,
+      max_context_len):
+    return torch.empty_like(q)
+
+
+def supports_compiled_decode(model: nn.Module) -> bool:
+    """The compiled decode forward mirrors `LlamaForCausalLM` (Llama, Mistral, Qwen2)."""
+    from .models.llama import LlamaForCausalLM
+
+    return isinstance(model, LlamaForCausalLM) and graph_unsupported_reason(model) is None
+
+
+def llama_decode_forward(model: nn.Module, input_ids: torch.Tensor, positions: torch.Tensor,
+                         kv_cache: torch.Tensor, slot_mapping: torch.Tensor, block_tables: torch.Tensor,
+                         context_lens: torch.Tensor, logits_indices: torch.Tensor,
+                         max_context_len: int) -> torch.Tensor:
+    """`LlamaForCausalLM.forward` + `compute_logits` for one token per row, written for Dynamo:
+    plain tensors in, the attention behind `decode_attention`. Must stay in step with
+    models/llama.py (tests/runtime/test_cuda_graph.py checks parity)."""
+    B = input_ids.shape[0]
+    x = model.embed_tokens(input_ids)                                           # (B, H)
+    for i, layer in enumerate(model.layers):
+        attn = layer.self_attn
+        qkv = attn.qkv_proj(layer.input_layernorm(x))                           # (B, q + 2kv)
+        q, k, v = qkv.split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
+        q = q.view(B, attn.num_heads, attn.head_size)                           # (B, h, d)
+        k = k.view(B, attn.num_kv_heads, attn.head_size)                        # (B, kvh, d)
+        v = v.view(B, attn.num_kv_heads, attn.head_size)
+        q, k = attn.rotary(positions, q, k)
+        out = decode_attention(q, k, v, kv_cache, i, slot_mapping, block_tables, context_lens,
+                               attn.scale, attn.sliding_window, max_context_len)  # (B, h, d)
+        x = x + attn.o_proj(out.reshape(B, attn.q_size))                       # (B, H)
+        x = x + layer.mlp(layer.post_attention_layernorm(x))                    # (B, H)
+    return model.compute_logits(model.norm(x)[logits_indices])                 # (N, V) fp32
+
+
+def make_compiled_decode_forward(model: nn.Module, *, backend: str = "inductor") -> DecodeForward:
+    """A `DecodeForward` running `llama_decode_forward` through torch.compile, compiled on the
+    first call (the runner's warm-up, outside graph capture): once for one row, once for any
+    larger batch (the row dimension is marked dynamic; everything else, the KV pool included,
+    stays static, so a batch that happens to equal the layer count cannot force a recompile)."""
+    if not supports_compiled_decode(model):
+        raise ValueError(f"compiled decode supports Llama-family models without dynamic rope, "
+                         f"got {type(model).__name__}")
+
+    def step(input_ids, positions, kv_cache, slot_mapping, block_tables, context_lens, logits_indices,
+             max_context_len: int):
+        return llama_decode_forward(model, input_ids, positions, kv_cache, slot_mapping, block_tables,
+                                    context_lens, logits_indices, max_context_len)
+
+    compiled = torch.compile(step, backend=backend, dynamic=False, fullgraph=True)
+
+    @torch.no_grad()
+    def forward(input_ids, positions, kv_cache, meta: AttentionMetadata, logits_indices):
+        per_row = (input_ids, positions, meta.slot_mapping, meta.block_tables, meta.context_lens, logits_indices)
+        if input_ids.shape[0] > 1:
+            for t in per_row:
+                torch._dynamo.mark_dynamic(t, 0)
+        return compiled(input_ids, positions, kv_cache, meta.slot_mapping, meta.block_tables,
+                        meta.context_lens, logits_indices, meta.max_context_len)
+
+    return forward
+
+
+__all__ = ["DecodeGraphRunner", "GRAPH_BATCH_SIZES", "graph_batch_sizes", "choose_bucket",
+           "graph_unsupported_reason", "cuda_graphs_disabled_by_env", "decode_attention",
+           "llama_decode_forward", "make_compiled_decode_forward", "supports_compiled_decode"]
