@@ -102,14 +102,19 @@ def _num_new_tokens(model: str, result) -> int:
 
 
 def run_level(url: str, model: str, concurrency: int, requests_per_stream: int, prompt_len: int,
-              max_tokens: int, vocab: int, seed: int) -> dict:
+              max_tokens: int, vocab: int, seed: int, text_mode: str = "words") -> dict:
     rng = random.Random(seed)
     words = ["alpha", "beta", "gamma", "delta", "stream", "token", "model", "serve", "batch", "cache"]
     results: list[RequestTiming] = []
     threads = []
     for _ in range(concurrency):
-        jobs = [([rng.randrange(4, vocab) for _ in range(prompt_len)],
-                 " ".join(rng.choice(words) for _ in range(prompt_len))) for _ in range(requests_per_stream)]
+        jobs = []
+        for _ in range(requests_per_stream):
+            ids = [rng.randrange(4, vocab) for _ in range(prompt_len)]
+            # "ids": the word-level tokenizer of bench/make_random_checkpoint.py reads "t<id>"
+            text = " ".join(f"t{i}" for i in ids) if text_mode == "ids" else \
+                " ".join(rng.choice(words) for _ in range(prompt_len))
+            jobs.append((ids, text))
         threads.append(threading.Thread(target=_stream_worker, args=(url, model, jobs, max_tokens, results)))
     t0 = time.perf_counter()
     for t in threads:
@@ -151,14 +156,18 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=128, help="tokens (generation) or words (ensemble)")
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--vocab", type=int, default=400, help="upper bound for random prompt ids (generation)")
+    ap.add_argument("--text-mode", choices=["words", "ids"], default="words",
+                    help='ensemble prompts: English words, or "t<id>" words for random-shape checkpoints')
     ap.add_argument("--warmup", type=int, default=1, help="requests sent once before measuring")
     ap.add_argument("--label", default="")
     ap.add_argument("--output", default=os.environ.get("OUT", ""), help="folder for JSON/Markdown results")
     args = ap.parse_args()
     if args.warmup:
-        run_level(args.url, args.model, 1, args.warmup, args.prompt_len, min(args.max_tokens, 8), args.vocab, 0)
+        run_level(args.url, args.model, 1, args.warmup, args.prompt_len, min(args.max_tokens, 8), args.vocab, 0,
+                  args.text_mode)
     rows = [run_level(args.url, args.model, int(c), args.requests_per_stream, args.prompt_len, args.max_tokens,
-                      args.vocab, seed=i + 1) for i, c in enumerate(args.concurrency.split(","))]
+                      args.vocab, seed=i + 1, text_mode=args.text_mode)
+            for i, c in enumerate(args.concurrency.split(","))]
     table = print_table(rows)
     if args.output:
         out = Path(args.output)
