@@ -23,6 +23,7 @@ import math
 import os
 import platform
 import sys
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -52,6 +53,7 @@ class DecodeRow:
     partition_size: int
     triton_us: float
     triton_graph_us: float
+    triton_host_us: float
     torch_paged_us: float
     sdpa_contiguous_us: float
     kv_mbytes: float
@@ -66,6 +68,8 @@ class PrefillRow:
     case: str
     tokens: int
     triton_us: float
+    triton_graph_us: float
+    triton_host_us: float
     torch_paged_us: float
     sdpa_contiguous_us: float | None
     triton_tflops: float
@@ -106,6 +110,18 @@ def graph_us(fn) -> float:
     with torch.cuda.graph(graph):
         fn()
     return bench_us(graph.replay)
+
+
+def host_us(fn, calls: int = 200) -> float:
+    """CPU time per call of fn (the wrapper + launch cost an eager, uncaptured step pays)."""
+    fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    elapsed = time.perf_counter() - start
+    torch.cuda.synchronize()
+    return elapsed / calls * 1e6
 
 
 def copy_bandwidth_gbps() -> float:
@@ -243,13 +259,14 @@ def decode_row(report: Report, B: int, ctx: int) -> DecodeRow:
 
     triton_call()
     err = (out.float() - paged_attention_torch(b.q, b.kv, m, b.scale).float()).abs().max().item()
-    t_triton, t_graph = bench_us(triton_call), graph_us(triton_call)
+    t_triton, t_graph, t_host = bench_us(triton_call), graph_us(triton_call), host_us(triton_call)
     t_torch, t_sdpa = bench_us(torch_call), bench_us(sdpa_call)
     kv_bytes = 2 * B * ctx * NUM_KV_HEADS * HEAD_SIZE * b.kv.element_size()
     return DecodeRow(
         batch=B, context=ctx,
         partition_size=choose_partition_size(B, NUM_KV_HEADS, ctx, device_parallelism(b.q.device), 64),
-        triton_us=t_triton, triton_graph_us=t_graph, torch_paged_us=t_torch, sdpa_contiguous_us=t_sdpa,
+        triton_us=t_triton, triton_graph_us=t_graph, triton_host_us=t_host, torch_paged_us=t_torch,
+        sdpa_contiguous_us=t_sdpa,
         kv_mbytes=kv_bytes / 1e6, triton_gbps=kv_bytes / t_triton / 1e3,
         triton_graph_gbps=kv_bytes / t_graph / 1e3,
         pct_of_copy_bw=100 * kv_bytes / t_graph / 1e3 / report.copy_gbps,
@@ -263,8 +280,9 @@ def run_decode_bench(report: Report, batches: list[int], contexts: list[int]) ->
             row = decode_row(report, B, ctx)
             torch.cuda.empty_cache()
             report.decode.append(row)
-            print(f"  B={B:4d} ctx={ctx:5d} split={row.partition_size:5d}  triton {row.triton_us:8.1f}  "
-                  f"graph {row.triton_graph_us:8.1f}  torch-paged {row.torch_paged_us:9.1f}  "
+            print(f"  B={B:4d} ctx={ctx:5d} split={row.partition_size:5d}  triton {row.triton_us:7.1f}  "
+                  f"graph {row.triton_graph_us:7.1f}  host {row.triton_host_us:5.1f}  "
+                  f"torch-paged {row.torch_paged_us:8.1f}  "
                   f"sdpa-contig {row.sdpa_contiguous_us:8.1f}  {row.triton_graph_gbps:7.0f} GB/s "
                   f"({row.pct_of_copy_bw:4.1f}% copy)  err {row.max_abs_err_vs_torch:.1e}")
 
@@ -292,11 +310,12 @@ def prefill_row(name: str, qlens: list[int], clens: list[int], split_decode: boo
                                                                  enable_gqa=True))
     triton_call()
     err = (out.float() - paged_attention_torch(b.q, b.kv, m, b.scale).float()).abs().max().item()
-    t_triton, t_torch = bench_us(triton_call), bench_us(torch_call)
+    t_triton, t_graph, t_host = bench_us(triton_call), graph_us(triton_call), host_us(triton_call)
+    t_torch = bench_us(torch_call)
     # Useful (causal) attention FLOPs: 4 * d per (query, visible key) pair per head.
     pairs = sum(ql * (c - ql) + ql * (ql + 1) // 2 for ql, c in zip(qlens, clens, strict=True))
-    tflops = 4 * HEAD_SIZE * NUM_HEADS * pairs / t_triton / 1e6
-    return PrefillRow(name, sum(qlens), t_triton, t_torch, t_sdpa, tflops, err)
+    tflops = 4 * HEAD_SIZE * NUM_HEADS * pairs / t_graph / 1e6
+    return PrefillRow(name, sum(qlens), t_triton, t_graph, t_host, t_torch, t_sdpa, tflops, err)
 
 
 def run_prefill_bench(report: Report, quick: bool) -> None:
@@ -312,8 +331,9 @@ def run_prefill_bench(report: Report, quick: bool) -> None:
         torch.cuda.empty_cache()
         report.prefill.append(row)
         sdpa_txt = f"{row.sdpa_contiguous_us:9.1f}" if row.sdpa_contiguous_us else "      n/a"
-        print(f"  {name:36s} triton {row.triton_us:9.1f} ({row.triton_tflops:5.1f} TFLOP/s)  "
-              f"torch-paged {row.torch_paged_us:9.1f}  sdpa-contig {sdpa_txt}  err {row.max_abs_err_vs_torch:.1e}")
+        print(f"  {name:36s} triton {row.triton_us:7.1f}  graph {row.triton_graph_us:7.1f} "
+              f"({row.triton_tflops:5.1f} TFLOP/s)  host {row.triton_host_us:5.1f}  "
+              f"torch-paged {row.torch_paged_us:8.1f}  sdpa-contig {sdpa_txt}  err {row.max_abs_err_vs_torch:.1e}")
 
 
 def _sweep(report: Report, kernel: str, shapes: list[tuple[str, PagedBatch]], configs: list, timer, launch) -> None:
@@ -354,7 +374,7 @@ def run_sweep(report: Report) -> None:
               ("4x512@3584", make_paged_batch([512] * 4, [4096] * 4))]
     configs = [VarlenTuning(bm, bn, w, st) for bm in (64, 128) for bn in (32, 64, 128) for w in (4, 8)
                for st in (2, 3, 4)]
-    _sweep(report, "varlen", shapes, configs, bench_us, varlen_launch)
+    _sweep(report, "varlen", shapes, configs, graph_us, varlen_launch)
     del shapes
     torch.cuda.empty_cache()
 
@@ -383,21 +403,22 @@ def markdown(report: Report) -> str:
     lines += [f"| {c.name} | {c.max_abs_err:.2e} | {c.tol:.0e} | {'yes' if c.passed else '**NO**'} |"
               for c in report.checks]
     lines += ["", "## Decode, Llama-3.1-8B heads (32/8, d=128), bf16, block 16 — µs per call", "",
-              ("| batch | context | split | triton | triton (graph) | torch gather+SDPA | SDPA contiguous | "
-               "KV MB | GB/s (graph) | % copy BW | speedup vs torch paged | vs SDPA contiguous |"),
-              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              ("| batch | context | split | triton | triton (graph) | triton host | torch gather+SDPA | "
+               "SDPA contiguous | KV MB | GB/s (graph) | % copy BW | speedup vs torch paged | vs SDPA contiguous |"),
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in report.decode:
         lines.append(f"| {r.batch} | {r.context} | {r.partition_size} | {r.triton_us:.1f} | {r.triton_graph_us:.1f} | "
-                     f"{r.torch_paged_us:.1f} | {r.sdpa_contiguous_us:.1f} | {r.kv_mbytes:.1f} | "
+                     f"{r.triton_host_us:.1f} | {r.torch_paged_us:.1f} | {r.sdpa_contiguous_us:.1f} | {r.kv_mbytes:.1f} | "
                      f"{r.triton_graph_gbps:.0f} | {r.pct_of_copy_bw:.1f} | "
                      f"{r.torch_paged_us / r.triton_graph_us:.1f}x | {r.sdpa_contiguous_us / r.triton_graph_us:.2f}x |")
     lines += ["", "## Prefill / varlen, bf16 — µs per call", "",
-              "| case | tokens | triton varlen | TFLOP/s | torch gather+SDPA | SDPA contiguous (flash, causal) |",
-              "|---|---|---|---|---|---|"]
+              ("| case | tokens | triton varlen | triton (graph) | TFLOP/s (graph) | triton host | torch gather+SDPA "
+               "| SDPA contiguous (flash, causal) |"),
+              "|---|---|---|---|---|---|---|---|"]
     for r in report.prefill:
         sdpa = f"{r.sdpa_contiguous_us:.1f}" if r.sdpa_contiguous_us else "n/a"
-        lines.append(f"| {r.case} | {r.tokens} | {r.triton_us:.1f} | {r.triton_tflops:.1f} | {r.torch_paged_us:.1f} "
-                     f"| {sdpa} |")
+        lines.append(f"| {r.case} | {r.tokens} | {r.triton_us:.1f} | {r.triton_graph_us:.1f} | {r.triton_tflops:.1f} "
+                     f"| {r.triton_host_us:.1f} | {r.torch_paged_us:.1f} | {sdpa} |")
     if report.sweep:
         lines += ["", "## Launch sweeps: top configs by geometric-mean slowdown vs each shape's best", ""]
         for s in report.sweep:
