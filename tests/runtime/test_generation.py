@@ -9,6 +9,7 @@ prompt + generated tokens, an `end_id` that ended the row included (as HF's `seq
 """
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -239,9 +240,9 @@ def test_beam_search_on_another_family(runner_for, hf_for):
 
 
 @pytest.mark.parametrize("kwargs,hf_kwargs", [
-    (dict(repetition_penalty=2.5), dict(repetition_penalty=2.5)),
-    (dict(no_repeat_ngram_size=1), dict(no_repeat_ngram_size=1)),
-    (dict(min_length=7), dict(min_new_tokens=7)),
+    ({"repetition_penalty": 2.5}, {"repetition_penalty": 2.5}),
+    ({"no_repeat_ngram_size": 1}, {"no_repeat_ngram_size": 1}),
+    ({"min_length": 7}, {"min_new_tokens": 7}),
     ("bad", "bad"),
 ])
 def test_beam_search_applies_penalties_and_bans_as_hf(runner, hf, beam_end_id, kwargs, hf_kwargs):
@@ -250,7 +251,7 @@ def test_beam_search_applies_penalties_and_bans_as_hf(runner, hf, beam_end_id, k
         first = hf_beams(hf, PROMPTS[0], num_beams=3, end_id=beam_end_id, length_penalty=1.0,
                          early_stopping=True, num_return_sequences=1)[0][0]
         bad = [[first[0]], first[1:3]]
-        kwargs, hf_kwargs = dict(bad_words_list=bad), dict(bad_words_ids=bad)
+        kwargs, hf_kwargs = {"bad_words_list": bad}, {"bad_words_ids": bad}
     prompts = PROMPTS[:2]
     out = runner.generate(tensors(prompts), max_new_tokens=MAX_NEW, end_id=beam_end_id, pad_id=PAD_ID,
                           num_beams=3, num_return_sequences=2, return_dict=True, **kwargs)
@@ -270,8 +271,8 @@ def test_beam_search_applies_penalties_and_bans_as_hf(runner, hf, beam_end_id, k
 
 
 def test_beam_search_cuts_returned_beams_at_stop_words(runner, hf, beam_end_id):
-    kw = dict(max_new_tokens=MAX_NEW, end_id=beam_end_id, pad_id=PAD_ID, num_beams=2, num_return_sequences=2,
-              return_dict=True, output_log_probs=True, output_cum_log_probs=True)
+    kw = {"max_new_tokens": MAX_NEW, "end_id": beam_end_id, "pad_id": PAD_ID, "num_beams": 2, "num_return_sequences": 2,
+              "return_dict": True, "output_log_probs": True, "output_cum_log_probs": True}
     plain = runner.generate(tensors(PROMPTS[:2]), **kw)
     best = generated(plain["output_ids"], plain["sequence_lengths"], 1, 0, len(PROMPTS[1]))
     stop = best[3:5]
@@ -333,7 +334,7 @@ def test_log_probs_are_not_returned_unless_asked(runner):
 
 
 # ------------------------------------------------------------------------------------------ sampling
-SAMPLE = dict(top_k=0, top_p=1.0, temperature=1.5)
+SAMPLE = {"top_k": 0, "top_p": 1.0, "temperature": 1.5}
 
 
 def test_top_k_1_and_temperature_0_are_greedy(runner):
@@ -585,8 +586,8 @@ def test_logits_processor_sees_the_token_history(runner):
 
 # ------------------------------------------------------------------------------------------ streaming
 @pytest.mark.parametrize("kwargs", [
-    dict(),
-    dict(num_beams=2, num_return_sequences=2),
+    {},
+    {"num_beams": 2, "num_return_sequences": 2},
     dict(num_return_sequences=2, random_seed=11, **SAMPLE),
 ])
 def test_streaming_extends_and_ends_at_the_regular_result(runner, kwargs):
@@ -595,17 +596,15 @@ def test_streaming_extends_and_ends_at_the_regular_result(runner, kwargs):
                                   return_dict=True, output_log_probs=True, streaming=True, **kwargs))
     assert len(chunks) >= 2
     beams = "num_beams" in kwargs
-    prev_lens = None
-    for c in chunks:
-        assert c["output_ids"].shape == regular["output_ids"].shape
-        lens = c["sequence_lengths"]
-        if prev_lens is not None and not beams:  # beams may be replaced; samples only grow
-            assert (lens >= prev_lens).all()
-            for b in range(len(PROMPTS)):
-                for w in range(lens.shape[1]):
-                    n = int(prev_lens[b, w])
-                    assert torch.equal(c["output_ids"][b, w, :n], prev[b, w, :n])
-        prev_lens, prev = lens, c["output_ids"]
+    assert all(c["output_ids"].shape == regular["output_ids"].shape for c in chunks)
+    for prev, c in itertools.pairwise(chunks):
+        if beams:  # beams may be replaced by better ones; samples only grow
+            continue
+        assert (c["sequence_lengths"] >= prev["sequence_lengths"]).all()
+        for b in range(len(PROMPTS)):
+            for w in range(c["sequence_lengths"].shape[1]):
+                n = int(prev["sequence_lengths"][b, w])
+                assert torch.equal(c["output_ids"][b, w, :n], prev["output_ids"][b, w, :n])
     assert torch.equal(chunks[-1]["output_ids"], regular["output_ids"])
     assert torch.equal(chunks[-1]["sequence_lengths"], regular["sequence_lengths"])
     torch.testing.assert_close(chunks[-1]["log_probs"], regular["log_probs"])
@@ -662,7 +661,7 @@ def test_generation_session_checks_decode_against_setup(runner):
 
 def test_interleaved_streams_on_one_session_fail_loudly(runner):
     """Two streams of one session would share its KV pool: the second must refuse, not corrupt."""
-    kw = dict(max_new_tokens=4, end_id=-1, pad_id=PAD_ID, streaming=True, output_sequence_lengths=True)
+    kw = {"max_new_tokens": 4, "end_id": -1, "pad_id": PAD_ID, "streaming": True, "output_sequence_lengths": True}
     first = runner.generate(tensors(PROMPTS[:1]), **kw)
     next(first)
     with pytest.raises(RuntimeError, match="still running"):
@@ -674,7 +673,7 @@ def test_interleaved_streams_on_one_session_fail_loudly(runner):
 
 def test_a_stream_created_before_another_setup_keeps_its_own_shapes(runner, hf):
     """Streams are lazy; a later generate() for another batch must not change an earlier one."""
-    kw = dict(end_id=EOS_ID, pad_id=PAD_ID, streaming=True, output_sequence_lengths=True)
+    kw = {"end_id": EOS_ID, "pad_id": PAD_ID, "streaming": True, "output_sequence_lengths": True}
     first = runner.generate(tensors(PROMPTS), max_new_tokens=MAX_NEW, **kw)
     second = runner.generate(tensors(PROMPTS[:1]), max_new_tokens=2, **kw)
     a, b = list(first)[-1], list(second)[-1]

@@ -61,9 +61,9 @@ def assert_all_blocks_free(runner: ModelRunner) -> None:
 
 # ------------------------------------------------------------------------------------------ engines
 SETTINGS = [
-    dict(),
-    dict(num_beams=3, num_return_sequences=2, length_penalty=1.3),
-    dict(top_k=0, top_p=0.9, temperature=1.3, random_seed=[3, 4, 5], num_return_sequences=2),
+    {},
+    {"num_beams": 3, "num_return_sequences": 2, "length_penalty": 1.3},
+    {"top_k": 0, "top_p": 0.9, "temperature": 1.3, "random_seed": [3, 4, 5], "num_return_sequences": 2},
 ]
 
 
@@ -156,20 +156,20 @@ class StopAt(StoppingCriteria):
 
 
 @pytest.mark.parametrize("kwargs", [
-    dict(),
-    dict(end_id=-1),
-    dict(stop_words_list=[[[60, 70]]], min_length=2),
-    dict(stopping_criteria=StopAt(2)),
-    dict(num_beams=4, num_return_sequences=2),
-    dict(num_beams=2, stopping_criteria=StopAt(1)),
-    dict(num_return_sequences=3, top_k=5, random_seed=1),
+    {},
+    {"end_id": -1},
+    {"stop_words_list": [[[60, 70]]], "min_length": 2},
+    {"stopping_criteria": StopAt(2)},
+    {"num_beams": 4, "num_return_sequences": 2},
+    {"num_beams": 2, "stopping_criteria": StopAt(1)},
+    {"num_return_sequences": 3, "top_k": 5, "random_seed": 1},
 ], ids=["finished", "full-length", "stop-words", "criteria", "beams", "beams-stopped", "samples"])
 def test_every_block_is_free_after_a_run(engine_runner, kwargs):
     run(engine_runner, **kwargs)
     assert_all_blocks_free(engine_runner)
 
 
-@pytest.mark.parametrize("kwargs", [dict(), dict(num_beams=2), dict(num_return_sequences=2, top_k=4)])
+@pytest.mark.parametrize("kwargs", [{}, {"num_beams": 2}, {"num_return_sequences": 2, "top_k": 4}])
 def test_every_block_is_free_after_a_failed_run_and_the_runner_still_works(engine_runner, kwargs):
     want = run(engine_runner, **kwargs)["output_ids"]
     with pytest.raises(RuntimeError, match="processor failed at step 2"):
@@ -197,7 +197,7 @@ def test_a_failing_stream_frees_its_blocks(engine_runner):
     got = []
     with pytest.raises(RuntimeError, match="step 3"):
         for chunk in stream:
-            got.append(chunk)
+            got.append(chunk)  # noqa: PERF402 (the stream raises part-way)
     assert len(got) == 3
     assert_all_blocks_free(engine_runner)
 
@@ -209,19 +209,19 @@ def test_a_failing_stream_frees_its_blocks(engine_runner):
     ([], {}, "batch_input_ids is empty"),
     ([[1, 2, 400]], {}, r"batch_input_ids\[0\] has token ids \[400\] outside \[0, 400\)"),
     ([[1, -5]], {}, r"token ids \[-5\]"),
-    ([[1, 2]], dict(top_p=1.5), r"top_p must be in \[0.0, 1.0\], got 1.5"),
-    ([[1, 2]], dict(temperature=-0.1), r"temperature must be in \[0.0, inf\], got -0.1"),
-    ([[1, 2]], dict(top_k=-1), "top_k"),
-    ([[1, 2]], dict(repetition_penalty=0.0), "repetition_penalty"),
-    ([[1, 2]], dict(presence_penalty=3.0), "presence_penalty"),
-    ([[1, 2]], dict(max_new_tokens=0), "max_new_tokens"),
-    ([[1, 2]], dict(num_beams=0), "num_beams"),
-    ([[1, 2]], dict(min_length=-1), "min_length"),
-    ([[1, 2]], dict(random_seed=-1), "random_seed"),
-    ([[1, 2]], dict(end_id=400), "end_id"),
-    ([[1, 2]], dict(bad_words_list=[[[5, 999]]]), "bad_words"),
-    ([[1, 2]], dict(top_k=2, temprature=0.5), "unknown sampling arguments"),
-    ([[1, 2], [3, 4]], dict(random_seed=[1, 2, 3]), "random_seed has 3 values for a batch of 2"),
+    ([[1, 2]], {"top_p": 1.5}, r"top_p must be in \[0.0, 1.0\], got 1.5"),
+    ([[1, 2]], {"temperature": -0.1}, r"temperature must be in \[0.0, inf\], got -0.1"),
+    ([[1, 2]], {"top_k": -1}, "top_k"),
+    ([[1, 2]], {"repetition_penalty": 0.0}, "repetition_penalty"),
+    ([[1, 2]], {"presence_penalty": 3.0}, "presence_penalty"),
+    ([[1, 2]], {"max_new_tokens": 0}, "max_new_tokens"),
+    ([[1, 2]], {"num_beams": 0}, "num_beams"),
+    ([[1, 2]], {"min_length": -1}, "min_length"),
+    ([[1, 2]], {"random_seed": -1}, "random_seed"),
+    ([[1, 2]], {"end_id": 400}, "end_id"),
+    ([[1, 2]], {"bad_words_list": [[[5, 999]]]}, "bad_words"),
+    ([[1, 2]], {"top_k": 2, "temprature": 0.5}, "unknown sampling arguments"),
+    ([[1, 2], [3, 4]], {"random_seed": [1, 2, 3]}, "random_seed has 3 values for a batch of 2"),
 ])
 def test_bad_inputs_raise_a_value_error_naming_the_field(engine_runner, prompts, kwargs, match):
     with pytest.raises(ValueError, match=match):
