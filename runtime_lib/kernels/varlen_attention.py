@@ -5,10 +5,10 @@ lengths (1 .. thousands) and cached prefixes differ. Gather+SDPA pads every sequ
 (max_query_len, max_context_len), copies the whole context out of the cache, and needs an
 explicit boolean mask, which rules out SDPA's flash backend. This kernel reads K/V straight
 from the paged cache and does only the causal work of each sequence. Measured on an H200
-(8B heads, bf16, `bench/gpu_kernels.py`): 4-6x faster than gather+SDPA on prompts and chunked
-prefill, ~35x on a mixed prefill+decode batch; on one dense 2048-token prompt, flash SDPA over
-a contiguous cache is still ~1.3x faster, but it cannot read the paged cache or mix lengths.
-The reference stays `paged_attention_torch`.
+(8B heads, bf16, graph-replay GPU time, bench/results/gpu_kernels-*): 3-12x faster than
+gather+SDPA on prompts and chunked prefill, ~40x on a mixed prefill+decode batch; on equal
+fresh prompts, flash SDPA over a contiguous cache is still 1.4-1.6x faster, but it cannot read
+the paged cache or mix lengths. The reference stays `paged_attention_torch`.
 
 Grid (num_q_tiles * num_kv_heads,). A program owns BLOCK_Q consecutive query tokens of one
 sequence and all GROUP query heads of one KV head: its BLOCK_M = BLOCK_Q * GROUP rows share
