@@ -55,7 +55,21 @@ def bootstrap(model_file: str) -> list[str]:
             break
         except locale.Error:
             continue
+    _numpy_compat()
     return paths
+
+
+def _numpy_compat() -> None:
+    """The 2.51 stub needs numpy < 2 (DESIGN §9), but newer transformers releases (5.17 on the
+    GPU host) touch `np.long`, a numpy 2 name, while importing `AutoTokenizer`. Alias it."""
+    try:
+        import numpy as np
+    except ImportError:
+        return
+    if not hasattr(np, "long"):
+        np.long = np.int64  # what numpy 2's np.long is on LP64 Linux
+    if not hasattr(np, "ulong"):
+        np.ulong = np.uint64
 
 
 def _paths_next_to(model_repo: Path) -> list[str]:
