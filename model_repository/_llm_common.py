@@ -62,14 +62,18 @@ def bootstrap(model_file: str) -> list[str]:
 def _numpy_compat() -> None:
     """The 2.51 stub needs numpy < 2 (DESIGN §9), but newer transformers releases (5.17 on the
     GPU host) touch `np.long`, a numpy 2 name, while importing `AutoTokenizer`. Alias it."""
+    import warnings
+
     try:
         import numpy as np
     except ImportError:
         return
-    if not hasattr(np, "long"):
-        np.long = np.int64  # what numpy 2's np.long is on LP64 Linux
-    if not hasattr(np, "ulong"):
-        np.ulong = np.uint64
+    with warnings.catch_warnings():  # numpy 1.x warns when asked about the removed names
+        warnings.simplefilter("ignore", FutureWarning)
+        if not hasattr(np, "long"):
+            np.long = np.int64  # what numpy 2's np.long is on LP64 Linux
+        if not hasattr(np, "ulong"):
+            np.ulong = np.uint64
 
 
 def _paths_next_to(model_repo: Path) -> list[str]:
