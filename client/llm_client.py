@@ -90,7 +90,7 @@ class LLMClient:
 
     # --- public API --------------------------------------------------------------------------
 
-    def generate(self, prompt: str, max_tokens: int = 64, **params: Any) -> GenerationResult:
+    def generate(self, prompt: str | None, max_tokens: int | None = 64, **params: Any) -> GenerationResult:
         """The whole result in one response. `params` are ensemble inputs (temperature, top_k,
         top_p, seed, stop_words, min_tokens, exclude_input_in_output, ...)."""
         fields = self._fields(prompt, max_tokens, params, stream=False)
@@ -110,7 +110,7 @@ class LLMClient:
             num_output_tokens=[int(x) for x in np.asarray(num_out).reshape(-1)] if num_out is not None else None,
             cum_log_probs=[float(x) for x in np.asarray(cum).reshape(-1)] if cum is not None else None)
 
-    def stream(self, prompt: str, max_tokens: int = 64, **params: Any) -> Iterator[TextDelta]:
+    def stream(self, prompt: str | None, max_tokens: int | None = 64, **params: Any) -> Iterator[TextDelta]:
         """Yield text deltas as the server makes them. Closing the iterator early cancels the
         request on the server (it stops generating)."""
         fields = self._fields(prompt, max_tokens, params, stream=True)
@@ -129,8 +129,13 @@ class LLMClient:
     # --- request building --------------------------------------------------------------------
 
     @staticmethod
-    def _fields(prompt: str, max_tokens: int, params: dict[str, Any], stream: bool) -> dict[str, Any]:
-        fields: dict[str, Any] = {"text_input": prompt, "max_tokens": max_tokens, "stream": stream}
+    def _fields(prompt: str | None, max_tokens: int | None, params: dict[str, Any], stream: bool) -> dict[str, Any]:
+        # None leaves a field out (the server then names it in its error).
+        fields: dict[str, Any] = {"stream": stream}
+        if prompt is not None:
+            fields["text_input"] = prompt
+        if max_tokens is not None:
+            fields["max_tokens"] = max_tokens
         for name, value in params.items():
             if value is None:
                 continue

@@ -349,10 +349,18 @@ class TritonPythonModel:
                 jobs = list(self._jobs.values())
             for job in jobs:
                 try:
-                    if not job.cancelled and not job.final_sent and job.request.is_cancelled():
+                    if not job.cancelled and self._is_cancelled(job):
                         self._cancel(job)
                 except Exception as e:
                     pb_utils.Logger.log_warn(f"ensemble: cancellation check failed: {e!r}")
+
+    @staticmethod
+    def _is_cancelled(job: _Job) -> bool:
+        # Under the job's lock, and only before its final response: once the final flag is sent,
+        # Triton frees the request's response factory and is_cancelled() would touch freed memory
+        # (measured: the server segfaults in TRITONBACKEND_ResponseFactoryIsCancelled).
+        with job.lock:
+            return not job.final_sent and job.request.is_cancelled()
 
     def finalize(self) -> None:
         self._stopping.set()

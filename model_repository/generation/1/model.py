@@ -54,6 +54,7 @@ class _Sequence:
     log_probs: list[float] = field(default_factory=list)
     cum_log_prob: float = 0.0
     finish_reason: str | None = None
+    last_time: float | None = None
 
 
 @dataclass(eq=False)
@@ -86,6 +87,7 @@ class _Call:
     rows: dict[str, _Row] = field(default_factory=dict)
     final_sent: bool = False
     cancelled_at: float | None = None
+    arrival: float = field(default_factory=time.monotonic)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -96,13 +98,10 @@ class TritonPythonModel:
         self.model_config = json.loads(args["model_config"])
         params = ModelParameters(self.model_config)
         device = params.str("device", "auto")
-        if device == "auto":
-            import torch
-            device = "cuda" if torch.cuda.is_available() else "cpu"
         self._busy_error = EngineBusyError
         self.engine = LLMEngine(EngineConfig(
             model_dir=params.model_dir(),
-            device=device,
+            device=None if device == "auto" else device,  # None: cuda if available
             dtype=params.str("dtype"),
             max_num_seqs=params.int("max_batch_size", 64, lo=1),
             max_num_batched_tokens=params.int("max_num_tokens", 2048, lo=1),
@@ -112,7 +111,13 @@ class TritonPythonModel:
             enable_prefix_caching=params.bool("enable_kv_cache_reuse", True),
             max_queue_size=params.int("max_queue_size", 1024, lo=1),
         ))
-        self.tokenizer = self.engine.tokenizer
+        # Ids the engine stops/pads with unless a request says otherwise; an engine directory
+        # without tokenizer files serves ids only, with the checkpoint's eos/pad ids.
+        tokenizer = self.engine.tokenizer
+        mc = self.engine.model_config
+        self.default_end_id = tokenizer.end_id if tokenizer is not None else mc.eos_token_id
+        pad = tokenizer.pad_id if tokenizer is not None else mc.pad_token_id
+        self.default_pad_id = pad if pad is not None else self.default_end_id
         self._poll_s = params.int("cancellation_check_period_ms", 20, lo=1) / 1000.0
         self._outputs: queue.SimpleQueue = queue.SimpleQueue()
         self._calls: dict[str, _Call] = {}  # engine request id -> call
@@ -124,7 +129,7 @@ class TritonPythonModel:
                          threading.Thread(target=self._watch_loop, name="generation-watch", daemon=True)]
         for t in self._threads:
             t.start()
-        pb_utils.Logger.log_info(f"generation: engine ready on {device}, max_input_len="
+        pb_utils.Logger.log_info(f"generation: engine ready on {self.engine.device}, max_input_len="
                                  f"{self.engine.max_input_len}, max_seq_len={self.engine.max_seq_len}")
 
     # --- requests in -------------------------------------------------------------------------
@@ -151,7 +156,13 @@ class TritonPythonModel:
         except Exception as e:
             pb_utils.Logger.log_error(f"generation: could not send error response: {e!r}")
 
+    def _engine_healthy(self) -> bool:
+        check = getattr(self.engine, "is_healthy", None)
+        return check() if check is not None else True
+
     def _accept(self, request: Any, sender: Any) -> None:
+        if not self._engine_healthy():
+            raise RuntimeError("the engine stopped; the server needs a restart")
         inputs = RequestInputs(request, pb_utils)
         request_id = request.request_id() or ""
         if inputs.scalar("stop", "bool", False)[0]:
@@ -178,7 +189,8 @@ class TritonPythonModel:
         except BaseException:
             for engine_id in added:
                 self.engine.abort(engine_id)
-            call.final_sent = True  # the caller sends the error; late outputs are dropped
+            with call.lock:
+                call.final_sent = True  # the caller sends the error; late outputs are dropped
             self._forget(call)
             raise
         self._metrics.on_request()
@@ -197,27 +209,19 @@ class TritonPythonModel:
             raise InputError(f"input_ids must have shape [batch, tokens], got {list(ids.shape)}")
         batch = ids.shape[0]
         lengths = inputs.scalar("input_lengths", "int", ids.shape[1], batch, lo=1, hi=ids.shape[1])
-        vocab = self.tokenizer.vocab_size
-        max_input_len = self.engine.max_input_len
         prompts = []
         for b in range(batch):
             prompt = ids[b, :lengths[b]].tolist()
-            if not prompt:
-                raise InputError("input_ids must hold at least one token")
-            if len(prompt) > max_input_len:
-                raise InputError(f"input_ids has {len(prompt)} tokens, more than max_input_len "
-                                 f"{max_input_len} (the prompt is too long)")
-            bad = [t for t in prompt if not 0 <= t < vocab]
-            if bad:
-                raise InputError(f"input_ids must be token ids in [0, {vocab - 1}], got {bad[0]}")
+            # Length and vocabulary limits are the engine's to check (its errors name input_ids).
             prompts.append(prompt)
 
         def row_values(names, kind, default, **kw):
             return inputs.scalar(names, kind, default, batch, **kw)
 
         max_new = row_values("request_output_len", "int", None, lo=1, required=True)
-        end_ids = row_values("end_id", "int", self.tokenizer.end_id, lo=-1)
-        pad_ids = row_values("pad_id", "int", self.tokenizer.pad_id, lo=-1)
+        end_ids = row_values("end_id", "int", self.default_end_id, lo=-1,
+                             required=self.default_end_id is None)
+        pad_ids = row_values("pad_id", "int", self.default_pad_id, lo=-1)
         beams = row_values("beam_width", "int", 1, lo=1)
         num_seqs = row_values("num_return_sequences", "int", None, lo=1)
         temperature = row_values("temperature", "float", 1.0, lo=0.0)
@@ -310,13 +314,15 @@ class TritonPythonModel:
         seq = row.sequences.setdefault(last.sequence_index, _Sequence())
         new_ids = [t for o in outs for t in o.new_token_ids]
         new_lps = [lp for o in outs for lp in (o.new_log_probs or ())]
+        now = time.monotonic()
+        self._metrics.on_tokens(not seq.token_ids, now - (seq.last_time or call.arrival), len(new_ids))
+        seq.last_time = now
         seq.token_ids += new_ids
         seq.log_probs += new_lps
         if last.cum_log_prob is not None:
             seq.cum_log_prob = last.cum_log_prob
         if last.finished:
             seq.finish_reason = last.finish_reason or "stop"
-            self._metrics.on_sequence_done(len(seq.token_ids))
         call_done = all(r.finished for r in call.rows.values())
         if call.streaming:
             if not new_ids and not last.finished:
@@ -416,9 +422,13 @@ class TritonPythonModel:
             with self._calls_lock:
                 calls = {id(c): c for c in self._calls.values()}.values()
             now = time.monotonic()
+            healthy = self._engine_healthy()
             for call in calls:
+                if not healthy:  # the engine thread died: fail what is open, never hang it
+                    self._finish(call, error="the engine stopped; the server needs a restart")
+                    continue
                 try:
-                    if call.cancelled_at is None and call.request.is_cancelled():
+                    if call.cancelled_at is None and _is_cancelled(call):
                         self._abort(call)
                     elif call.cancelled_at is not None and now - call.cancelled_at > 10.0:
                         # The engine never confirmed the abort: don't leave the client hanging.
@@ -439,6 +449,14 @@ class TritonPythonModel:
             pb_utils.Logger.log_warn(f"generation: engine shutdown failed: {e!r}")
 
 
+def _is_cancelled(call: _Call) -> bool:
+    # Under the call's lock, and only before its final response: once the final flag is sent,
+    # Triton frees the request's response factory and is_cancelled() would touch freed memory
+    # (measured: the server segfaults in TRITONBACKEND_ResponseFactoryIsCancelled).
+    with call.lock:
+        return not call.final_sent and call.request.is_cancelled()
+
+
 def _word_list(name: str, arr: Any, row: int, batch: int) -> list[list[int]] | None:
     if arr is None or arr.size == 0:
         return None
@@ -454,36 +472,47 @@ def _word_list(name: str, arr: Any, row: int, batch: int) -> list[list[int]] | N
 
 
 class _Metrics:
-    """DESIGN §7 metrics in Triton's Prometheus endpoint, from `engine.stats()` and the stream.
-    A metric failure is logged once and turns metrics off; it never fails a request."""
+    """DESIGN §7 metrics in Triton's Prometheus endpoint: engine gauges and counters from
+    `engine.stats()` (refreshed by the watcher thread), time to first token and inter-token
+    latency from the response thread. A metric failure is logged and turns metrics off; it
+    never fails a request."""
 
-    _GAUGES = (("requests_waiting", "Requests queued in the engine", ("num_waiting", "waiting")),
-               ("requests_running", "Requests running in the engine", ("num_running", "running")),
-               ("kv_blocks_used", "KV cache blocks in use", ("num_kv_blocks_used", "kv_blocks_used")),
-               ("kv_blocks_free", "KV cache blocks free", ("num_kv_blocks_free", "kv_blocks_free")),
-               ("prefix_cache_hit_rate", "Fraction of prompt tokens served from the prefix cache",
-                ("prefix_cache_hit_rate", "prefix_hit_rate")))
+    _GAUGES = (("llm_requests_waiting", "Requests queued in the engine", "num_waiting"),
+               ("llm_requests_running", "Requests running in the engine", "num_running"),
+               ("llm_kv_blocks_used", "KV cache blocks in use", "num_kv_blocks_used"),
+               ("llm_kv_blocks_free", "KV cache blocks free", "num_kv_blocks_free"),
+               ("llm_prefix_cache_hit_rate", "Fraction of prompt tokens served from the prefix cache",
+                "prefix_cache_hit_rate"))
+    _COUNTERS = (("llm_generated_tokens_total", "Tokens generated by the engine", "num_generated_tokens_total"),
+                 ("llm_prompt_tokens_total", "Prompt tokens accepted by the engine", "num_prompt_tokens_total"),
+                 ("llm_preemptions_total", "Sequences preempted for lack of KV blocks", "num_preempted_total"),
+                 ("llm_engine_steps_total", "Engine steps run", "num_steps_total"))
+    _LATENCY_BUCKETS_S = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]
 
     def __init__(self, engine: Any) -> None:
         self.engine = engine
         self._last_update = 0.0
+        self._last_counts: dict[str, float] = {}
         self.enabled = True
-        # Families must outlive their metrics: keep references to both.
-        self._families: list[Any] = []
+        self._families: list[Any] = []  # families must outlive their metrics: keep both
         try:
-            self._gauges = {name: self._metric(f"llm_{name}", desc, pb_utils.MetricFamily.GAUGE)
+            self._gauges = {name: self._metric(name, desc, pb_utils.MetricFamily.GAUGE)
                             for name, desc, _ in self._GAUGES}
+            self._counters = {name: self._metric(name, desc, pb_utils.MetricFamily.COUNTER)
+                              for name, desc, _ in self._COUNTERS}
             self._requests = self._metric("llm_requests_total", "Requests accepted by the generation model",
                                           pb_utils.MetricFamily.COUNTER)
-            self._tokens = self._metric("llm_generated_tokens_total", "Tokens generated",
-                                        pb_utils.MetricFamily.COUNTER)
+            self._ttft = self._metric("llm_time_to_first_token_seconds", "Request arrival to first token",
+                                      pb_utils.MetricFamily.HISTOGRAM, buckets=self._LATENCY_BUCKETS_S)
+            self._itl = self._metric("llm_inter_token_latency_seconds", "Time between tokens of a sequence",
+                                     pb_utils.MetricFamily.HISTOGRAM, buckets=self._LATENCY_BUCKETS_S)
         except Exception as e:  # metrics disabled on this server: serving still works
             self._disable(e)
 
-    def _metric(self, name: str, description: str, kind: Any) -> Any:
+    def _metric(self, name: str, description: str, kind: Any, **kwargs: Any) -> Any:
         family = pb_utils.MetricFamily(name=name, description=description, kind=kind)
         self._families.append(family)
-        return family.Metric(labels={})
+        return family.Metric(labels={}, **kwargs)
 
     def _disable(self, error: Exception) -> None:
         pb_utils.Logger.log_warn(f"generation: metrics disabled: {error!r}")
@@ -496,12 +525,19 @@ class _Metrics:
             except Exception as e:
                 self._disable(e)
 
-    def on_sequence_done(self, num_tokens: int) -> None:
-        if self.enabled:
-            try:
-                self._tokens.increment(num_tokens)
-            except Exception as e:
-                self._disable(e)
+    def on_tokens(self, first: bool, elapsed_s: float, num_tokens: int) -> None:
+        """`elapsed_s` since arrival (first tokens) or since the sequence's previous response."""
+        if not self.enabled or num_tokens <= 0:
+            return
+        try:
+            if first:
+                self._ttft.observe(elapsed_s)
+            else:
+                # One observation per response (each costs an IPC round trip); coalesced
+                # tokens share the wait.
+                self._itl.observe(elapsed_s / num_tokens)
+        except Exception as e:
+            self._disable(e)
 
     def update(self) -> None:
         now = time.monotonic()
@@ -510,11 +546,13 @@ class _Metrics:
         self._last_update = now
         try:
             stats = self.engine.stats()
-            for name, _, attrs in self._GAUGES:
-                for attr in attrs:
-                    value = getattr(stats, attr, None)
-                    if value is not None:
-                        self._gauges[name].set(float(value))
-                        break
+            for name, _, attr in self._GAUGES:
+                self._gauges[name].set(float(getattr(stats, attr)))
+            for name, _, attr in self._COUNTERS:
+                value = float(getattr(stats, attr))
+                delta = value - self._last_counts.get(name, 0.0)
+                if delta > 0:
+                    self._counters[name].increment(delta)
+                self._last_counts[name] = value
         except Exception as e:
             self._disable(e)
