@@ -31,11 +31,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--stats", action="store_true", help="print token counts and timings to stderr")
     args = ap.parse_args(argv)
 
-    params = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
-                  seed=args.seed, min_tokens=args.min_tokens, repetition_penalty=args.repetition_penalty,
-                  presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
-                  stop_words=args.stop, exclude_input_in_output=not args.include_prompt,
-                  return_num_input_tokens=True, return_num_output_tokens=True)
+    params = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p, "min_p": args.min_p,
+                  "seed": args.seed, "min_tokens": args.min_tokens, "repetition_penalty": args.repetition_penalty,
+                  "presence_penalty": args.presence_penalty, "frequency_penalty": args.frequency_penalty,
+                  "stop_words": args.stop, "exclude_input_in_output": not args.include_prompt,
+                  "return_num_input_tokens": True, "return_num_output_tokens": True}
     start = time.perf_counter()
     first = None
     num_tokens = None

@@ -17,7 +17,7 @@ import json
 import queue
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Self
 
 import numpy as np
 
@@ -77,7 +77,7 @@ class LLMClient:
         self.timeout_s = timeout_s
         self._http = None
 
-    def __enter__(self) -> LLMClient:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -13,6 +13,7 @@ the stub (the stub's interpreter is isolated and ignores PYTHONPATH; DESIGN §9)
 from __future__ import annotations
 
 import locale
+import math
 import os
 import re
 import sys
@@ -264,7 +265,7 @@ class RequestInputs:
 
 
 def _check_range(name: str, v: Any, lo: float | None, hi: float | None, lo_open: bool) -> None:
-    if v != v:  # NaN
+    if isinstance(v, float) and math.isnan(v):
         raise InputError(f"{name} must be a number, got NaN")
     if (lo is not None and (v <= lo if lo_open else v < lo)) or (hi is not None and v > hi):
         lb = "(" if lo_open else "["

@@ -231,5 +231,11 @@ def from_word_list_format(tensor: np.ndarray, field: str = "stop_words_list") ->
     return words
 
 
-__all__ = ["Tokenizer", "IncrementalDetokenizer", "load_tokenizer", "to_word_list_format",
-           "from_word_list_format", "REPLACEMENT_CHAR"]
+__all__ = [
+    "REPLACEMENT_CHAR",
+    "IncrementalDetokenizer",
+    "Tokenizer",
+    "from_word_list_format",
+    "load_tokenizer",
+    "to_word_list_format",
+]

@@ -28,7 +28,7 @@ def build_sentencepiece_like(out_dir: Path, metaspace: bool) -> Path:
     `metaspace=False` is Llama 2's decoder chain (Replace, ByteFallback, Fuse, Strip); True is the
     Metaspace pre-tokenizer with ByteFallback + Metaspace decoders."""
     from tokenizers import Tokenizer as RustTokenizer
-    from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
+    from tokenizers import models, normalizers, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = RustTokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))

@@ -11,15 +11,14 @@ import uuid
 import numpy as np
 import pytest
 import torch
+from serving_helpers import grpc_stream, tensor, texts
 
 from client import LLMClient, LLMClientError
 from runtime_lib.model_runner import ModelRunner
 from runtime_lib.tokenizer import load_tokenizer
 
-from serving_helpers import grpc_stream, tensor, texts
-
 PROMPTS = ["Once upon a time", "東京は日本の首都です。 🙂", "def hello(name):", "Paged attention keeps"]
-SEEDED = dict(temperature=0.9, top_k=20, top_p=0.9, seed=1234)
+SEEDED = {"temperature": 0.9, "top_k": 20, "top_p": 0.9, "seed": 1234}
 PROTOCOLS = ["grpc", "http"]
 
 

@@ -17,42 +17,42 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.dont_write_bytecode = True  # a __pycache__ dir in the model repository would look like a model
-import _llm_common  # noqa: E402  (stdlib only: must run before numpy imports)
+import _llm_common  # stdlib only: must run before numpy/torch imports
 
 _llm_common.bootstrap(__file__)
 sys.dont_write_bytecode = False
 
-import json  # noqa: E402
-import re  # noqa: E402
-import threading  # noqa: E402
-import uuid  # noqa: E402
-from dataclasses import dataclass, field  # noqa: E402
-from typing import Any  # noqa: E402
+import json
+import re
+import threading
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
 
-import numpy as np  # noqa: E402
-import triton_python_backend_utils as pb_utils  # noqa: E402
-from _llm_common import InputError, ModelParameters, RequestInputs, error_response  # noqa: E402
+import numpy as np
+import triton_python_backend_utils as pb_utils
+from _llm_common import InputError, ModelParameters, RequestInputs, error_response
 
-from runtime_lib.tokenizer import IncrementalDetokenizer, load_tokenizer, to_word_list_format  # noqa: E402
+from runtime_lib.tokenizer import IncrementalDetokenizer, load_tokenizer, to_word_list_format
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
 # (ensemble names, first one preferred; generation's name; kind; dtype sent to generation; range)
 _FORWARDED: list[tuple[tuple[str, ...], str, str, Any, dict[str, Any]]] = [
-    (("end_id",), "end_id", "int", np.int32, dict(lo=-1)),
-    (("pad_id",), "pad_id", "int", np.int32, dict(lo=-1)),
-    (("temperature",), "temperature", "float", np.float32, dict(lo=0.0)),
-    (("top_k",), "runtime_top_k", "int", np.int32, dict(lo=0)),
-    (("top_p",), "runtime_top_p", "float", np.float32, dict(lo=0.0, hi=1.0)),
-    (("min_p",), "min_p", "float", np.float32, dict(lo=0.0, hi=1.0)),
+    (("end_id",), "end_id", "int", np.int32, {"lo": -1}),
+    (("pad_id",), "pad_id", "int", np.int32, {"lo": -1}),
+    (("temperature",), "temperature", "float", np.float32, {"lo": 0.0}),
+    (("top_k",), "runtime_top_k", "int", np.int32, {"lo": 0}),
+    (("top_p",), "runtime_top_p", "float", np.float32, {"lo": 0.0, "hi": 1.0}),
+    (("min_p",), "min_p", "float", np.float32, {"lo": 0.0, "hi": 1.0}),
     (("length_penalty",), "len_penalty", "float", np.float32, {}),
-    (("repetition_penalty",), "repetition_penalty", "float", np.float32, dict(lo=0.0, lo_open=True)),
-    (("presence_penalty",), "presence_penalty", "float", np.float32, dict(lo=-2.0, hi=2.0)),
-    (("frequency_penalty",), "frequency_penalty", "float", np.float32, dict(lo=-2.0, hi=2.0)),
-    (("beam_width",), "beam_width", "int", np.int32, dict(lo=1)),
-    (("num_return_sequences",), "num_return_sequences", "int", np.int32, dict(lo=1)),
-    (("min_tokens", "min_length"), "min_tokens", "int", np.int32, dict(lo=0)),
-    (("seed", "random_seed"), "seed", "int", np.uint64, dict(lo=0)),
+    (("repetition_penalty",), "repetition_penalty", "float", np.float32, {"lo": 0.0, "lo_open": True}),
+    (("presence_penalty",), "presence_penalty", "float", np.float32, {"lo": -2.0, "hi": 2.0}),
+    (("frequency_penalty",), "frequency_penalty", "float", np.float32, {"lo": -2.0, "hi": 2.0}),
+    (("beam_width",), "beam_width", "int", np.int32, {"lo": 1}),
+    (("num_return_sequences",), "num_return_sequences", "int", np.int32, {"lo": 1}),
+    (("min_tokens", "min_length"), "min_tokens", "int", np.int32, {"lo": 0}),
+    (("seed", "random_seed"), "seed", "int", np.uint64, {"lo": 0}),
     (("ignore_eos",), "ignore_eos", "bool", np.bool_, {}),
     (("return_log_probs",), "return_log_probs", "bool", np.bool_, {}),
 ]
@@ -129,19 +129,18 @@ class TritonPythonModel:
             except InputError as e:
                 self._send_error(sender, str(e), "INVALID_ARG")
                 continue
-            except Exception as e:  # one request's failure must never reach the stub
+            except Exception as e:  # noqa: BLE001 - one request's failure must never reach the stub
                 pb_utils.Logger.log_error(f"ensemble: request failed: {e!r}")
                 self._send_error(sender, f"internal error: {e}", "INTERNAL")
                 continue
             with self._jobs_lock:
                 self._jobs[id(job)] = job
             threading.Thread(target=self._run, args=(job,), name="ensemble-stream", daemon=True).start()
-        return None
 
     def _send_error(self, sender: Any, message: str, code: str) -> None:
         try:
             sender.send(error_response(pb_utils, message, code), flags=FINAL)
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001
             pb_utils.Logger.log_error(f"ensemble: could not send error response: {e!r}")
 
     def _prepare(self, request: Any, sender: Any) -> _Job:
@@ -219,7 +218,7 @@ class TritonPythonModel:
                 self._on_generation_response(job, sequences, response)
             if not job.final_sent:
                 self._finish(job, sequences=sequences)
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001
             pb_utils.Logger.log_error(f"ensemble: stream {job.generation_id} failed: {e!r}")
             self._finish(job, error=f"internal error: {e}")
         finally:
@@ -297,7 +296,7 @@ class TritonPythonModel:
             job.final_sent = final
         try:
             job.sender.send(response, flags=FINAL if final else 0)
-        except Exception as e:  # the client is gone: stop generating for it
+        except Exception as e:  # noqa: BLE001 - the client is gone: stop generating for it
             pb_utils.Logger.log_warn(f"ensemble: send failed for {job.generation_id}: {e!r}")
             self._cancel(job)
 
@@ -323,7 +322,7 @@ class TritonPythonModel:
                 job.sender.send(flags=FINAL)
             else:
                 job.sender.send(self._response(job, items), flags=FINAL)
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001
             pb_utils.Logger.log_warn(f"ensemble: final send failed for {job.generation_id}: {e!r}")
 
     # --- cancellation ------------------------------------------------------------------------
@@ -340,7 +339,7 @@ class TritonPythonModel:
             for response in stop.exec(decoupled=True):
                 if response.has_error():
                     pb_utils.Logger.log_warn(f"ensemble: stop failed: {response.error().message()}")
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001
             pb_utils.Logger.log_warn(f"ensemble: stop for {job.generation_id} failed: {e!r}")
 
     def _watch_loop(self) -> None:
@@ -351,7 +350,7 @@ class TritonPythonModel:
                 try:
                     if not job.cancelled and self._is_cancelled(job):
                         self._cancel(job)
-                except Exception as e:
+                except Exception as e:  # noqa: BLE001
                     pb_utils.Logger.log_warn(f"ensemble: cancellation check failed: {e!r}")
 
     @staticmethod

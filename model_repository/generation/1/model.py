@@ -15,25 +15,25 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.dont_write_bytecode = True  # a __pycache__ dir in the model repository would look like a model
-import _llm_common  # noqa: E402  (stdlib only: must run before numpy/torch imports)
+import _llm_common  # stdlib only: must run before numpy/torch imports
 
 _llm_common.bootstrap(__file__)
 sys.dont_write_bytecode = False
 
-import json  # noqa: E402
-import queue  # noqa: E402
-import threading  # noqa: E402
-import time  # noqa: E402
-import uuid  # noqa: E402
-from dataclasses import dataclass, field  # noqa: E402
-from typing import Any  # noqa: E402
+import json
+import queue
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
 
-import numpy as np  # noqa: E402
-import triton_python_backend_utils as pb_utils  # noqa: E402
-from _llm_common import InputError, ModelParameters, RequestInputs, error_response  # noqa: E402
+import numpy as np
+import triton_python_backend_utils as pb_utils
+from _llm_common import InputError, ModelParameters, RequestInputs, error_response
 
-from runtime_lib.config import SamplingConfig  # noqa: E402
-from runtime_lib.tokenizer import from_word_list_format  # noqa: E402
+from runtime_lib.config import SamplingConfig
+from runtime_lib.tokenizer import from_word_list_format
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 _UNSUPPORTED = {
@@ -145,15 +145,14 @@ class TritonPythonModel:
                 self._fail(sender, f"server busy: {e}", "UNAVAILABLE")
             except ValueError as e:  # the engine's own validation names the field too
                 self._fail(sender, str(e), "INVALID_ARG")
-            except Exception as e:  # one request's failure must never reach the stub
+            except Exception as e:  # noqa: BLE001 - one request's failure must never reach the stub
                 pb_utils.Logger.log_error(f"generation: request failed: {e!r}")
                 self._fail(sender, f"internal error: {e}", "INTERNAL")
-        return None
 
     def _fail(self, sender: Any, message: str, code: str) -> None:
         try:
             sender.send(error_response(pb_utils, message, code), flags=FINAL)
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001
             pb_utils.Logger.log_error(f"generation: could not send error response: {e!r}")
 
     def _engine_healthy(self) -> bool:
@@ -225,7 +224,6 @@ class TritonPythonModel:
         beams = row_values("beam_width", "int", 1, lo=1)
         num_seqs = row_values("num_return_sequences", "int", None, lo=1)
         temperature = row_values("temperature", "float", 1.0, lo=0.0)
-        top_k_sent = inputs.array("runtime_top_k") is not None
         top_p_sent = inputs.array("runtime_top_p") is not None
         # TensorRT-LLM's defaults: greedy unless top_k/top_p is sent; top_p alone disables top_k.
         top_k = row_values("runtime_top_k", "int", 0 if top_p_sent else 1, lo=0)
@@ -244,23 +242,23 @@ class TritonPythonModel:
         bad_name, bad_arr = "bad_words_list", inputs.array("bad_words_list")
         samplings = []
         for b in range(batch):
-            sampling_kwargs = dict(
-                end_id=end_ids[b], pad_id=pad_ids[b], max_new_tokens=max_new[b], num_beams=beams[b],
-                num_return_sequences=num_seqs[b], temperature=temperature[b], top_k=top_k[b],
-                top_p=top_p[b], min_p=min_p[b], length_penalty=len_penalty[b],
-                early_stopping=int(early[b]), repetition_penalty=rep[b], presence_penalty=presence[b],
-                frequency_penalty=frequency[b], min_length=min_tokens[b], random_seed=seeds[b],
-                ignore_eos=ignore_eos[b], output_log_probs=log_probs[b],
-                output_cum_log_probs=log_probs[b],
-                stop_words_list=_word_list(stop_name, stop_arr, b, batch),
-                bad_words_list=_word_list(bad_name, bad_arr, b, batch))
+            sampling_kwargs = {
+                "end_id": end_ids[b], "pad_id": pad_ids[b], "max_new_tokens": max_new[b], "num_beams": beams[b],
+                "num_return_sequences": num_seqs[b], "temperature": temperature[b], "top_k": top_k[b],
+                "top_p": top_p[b], "min_p": min_p[b], "length_penalty": len_penalty[b],
+                "early_stopping": int(early[b]), "repetition_penalty": rep[b], "presence_penalty": presence[b],
+                "frequency_penalty": frequency[b], "min_length": min_tokens[b], "random_seed": seeds[b],
+                "ignore_eos": ignore_eos[b], "output_log_probs": log_probs[b],
+                "output_cum_log_probs": log_probs[b],
+                "stop_words_list": _word_list(stop_name, stop_arr, b, batch),
+                "bad_words_list": _word_list(bad_name, bad_arr, b, batch)}
             try:
                 samplings.append(SamplingConfig(**sampling_kwargs))
             except ValueError as e:
                 raise InputError(str(e)) from None
-        return dict(prompts=prompts, samplings=samplings, end_id=end_ids[0],
-                    streaming=bool(inputs.scalar("streaming", "bool", False)[0]),
-                    exclude_input=bool(inputs.scalar("exclude_input_in_output", "bool", False)[0]))
+        return {"prompts": prompts, "samplings": samplings, "end_id": end_ids[0],
+                    "streaming": bool(inputs.scalar("streaming", "bool", False)[0]),
+                    "exclude_input": bool(inputs.scalar("exclude_input_in_output", "bool", False)[0])}
 
     def _stop(self, request_id: str, sender: Any) -> None:
         if not request_id:
@@ -299,7 +297,7 @@ class TritonPythonModel:
                     continue
                 try:
                     self._handle(call, call.rows[engine_id], outs)
-                except Exception as e:
+                except Exception as e:  # noqa: BLE001
                     pb_utils.Logger.log_error(f"generation: response for {engine_id} failed: {e!r}")
                     self._finish(call, error=f"internal error while responding: {e}")
 
@@ -373,7 +371,7 @@ class TritonPythonModel:
                 call.final_sent = True
         try:
             call.sender.send(response, flags=FINAL if final else 0)
-        except Exception as e:  # the client may be gone; never let it reach the stub
+        except Exception as e:  # noqa: BLE001 - the client may be gone; never let it reach the stub
             pb_utils.Logger.log_warn(f"generation: send failed for {call.request_id!r}: {e!r}")
             if not final:
                 self._abort(call)
@@ -394,7 +392,7 @@ class TritonPythonModel:
                 call.sender.send(error_response(pb_utils, error, "INTERNAL"), flags=FINAL)
             else:
                 call.sender.send(flags=FINAL)
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001
             pb_utils.Logger.log_warn(f"generation: final send failed for {call.request_id!r}: {e!r}")
         self._forget(call)
 
@@ -433,7 +431,7 @@ class TritonPythonModel:
                     elif call.cancelled_at is not None and now - call.cancelled_at > 10.0:
                         # The engine never confirmed the abort: don't leave the client hanging.
                         self._finish(call, error="request was cancelled")
-                except Exception as e:
+                except Exception as e:  # noqa: BLE001
                     pb_utils.Logger.log_warn(f"generation: cancellation check failed: {e!r}")
             self._metrics.update()
 
@@ -445,7 +443,7 @@ class TritonPythonModel:
             self._finish(call, error="the model is being unloaded")
         try:
             self.engine.shutdown()
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001
             pb_utils.Logger.log_warn(f"generation: engine shutdown failed: {e!r}")
 
 
@@ -487,7 +485,7 @@ class _Metrics:
                  ("llm_prompt_tokens_total", "Prompt tokens accepted by the engine", "num_prompt_tokens_total"),
                  ("llm_preemptions_total", "Sequences preempted for lack of KV blocks", "num_preempted_total"),
                  ("llm_engine_steps_total", "Engine steps run", "num_steps_total"))
-    _LATENCY_BUCKETS_S = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]
+    _LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
     def __init__(self, engine: Any) -> None:
         self.engine = engine
@@ -503,10 +501,10 @@ class _Metrics:
             self._requests = self._metric("llm_requests_total", "Requests accepted by the generation model",
                                           pb_utils.MetricFamily.COUNTER)
             self._ttft = self._metric("llm_time_to_first_token_seconds", "Request arrival to first token",
-                                      pb_utils.MetricFamily.HISTOGRAM, buckets=self._LATENCY_BUCKETS_S)
+                                      pb_utils.MetricFamily.HISTOGRAM, buckets=list(self._LATENCY_BUCKETS_S))
             self._itl = self._metric("llm_inter_token_latency_seconds", "Time between tokens of a sequence",
-                                     pb_utils.MetricFamily.HISTOGRAM, buckets=self._LATENCY_BUCKETS_S)
-        except Exception as e:  # metrics disabled on this server: serving still works
+                                     pb_utils.MetricFamily.HISTOGRAM, buckets=list(self._LATENCY_BUCKETS_S))
+        except Exception as e:  # noqa: BLE001 - metrics disabled on this server: serving still works
             self._disable(e)
 
     def _metric(self, name: str, description: str, kind: Any, **kwargs: Any) -> Any:
@@ -522,7 +520,7 @@ class _Metrics:
         if self.enabled:
             try:
                 self._requests.increment(1)
-            except Exception as e:
+            except Exception as e:  # noqa: BLE001
                 self._disable(e)
 
     def on_tokens(self, first: bool, elapsed_s: float, num_tokens: int) -> None:
@@ -536,7 +534,7 @@ class _Metrics:
                 # One observation per response (each costs an IPC round trip); coalesced
                 # tokens share the wait.
                 self._itl.observe(elapsed_s / num_tokens)
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001
             self._disable(e)
 
     def update(self) -> None:
@@ -554,5 +552,5 @@ class _Metrics:
                 if delta > 0:
                     self._counters[name].increment(delta)
                 self._last_counts[name] = value
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001
             self._disable(e)

@@ -8,19 +8,19 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.dont_write_bytecode = True  # a __pycache__ dir in the model repository would look like a model
-import _llm_common  # noqa: E402  (stdlib only: must run before numpy imports)
+import _llm_common  # stdlib only: must run before numpy/torch imports
 
 _llm_common.bootstrap(__file__)
 sys.dont_write_bytecode = False
 
-import json  # noqa: E402
-from typing import Any  # noqa: E402
+import json
+from typing import Any
 
-import numpy as np  # noqa: E402
-import triton_python_backend_utils as pb_utils  # noqa: E402
-from _llm_common import InputError, ModelParameters, RequestInputs, error_response  # noqa: E402
+import numpy as np
+import triton_python_backend_utils as pb_utils
+from _llm_common import InputError, ModelParameters, RequestInputs, error_response
 
-from runtime_lib.tokenizer import load_tokenizer, to_word_list_format  # noqa: E402
+from runtime_lib.tokenizer import load_tokenizer, to_word_list_format
 
 
 class TritonPythonModel:
@@ -36,7 +36,7 @@ class TritonPythonModel:
                 responses.append(self._process(RequestInputs(request, pb_utils)))
             except InputError as e:
                 responses.append(error_response(pb_utils, str(e)))
-            except Exception as e:  # one request's failure must never reach the stub
+            except Exception as e:  # noqa: BLE001 - one request's failure must never reach the stub
                 pb_utils.Logger.log_error(f"preprocessing: request failed: {e!r}")
                 responses.append(error_response(pb_utils, f"internal error: {e}", "INTERNAL"))
         return responses
