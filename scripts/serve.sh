@@ -8,6 +8,7 @@
 #   TRITON_ARGS extra tritonserver arguments
 #
 # Nothing is written into model_repository/: the models read their settings from these variables.
+# The four models are loaded explicitly, so stray directories there (e.g. __pycache__) are ignored.
 set -euo pipefail
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -40,6 +41,8 @@ export TOKENIZERS_PARALLELISM=${TOKENIZERS_PARALLELISM:-false}
 "$triton_root/bin/tritonserver" \
     --model-repository="$root/model_repository" \
     --backend-directory="$triton_root/backends" \
+    --model-control-mode=explicit \
+    --load-model=preprocessing --load-model=generation --load-model=postprocessing --load-model=ensemble \
     --http-address="$HOST" --http-port="$HTTP_PORT" \
     --grpc-address="$HOST" --grpc-port="$GRPC_PORT" \
     --metrics-address="$HOST" --metrics-port="$METRICS_PORT" \
