@@ -36,7 +36,13 @@ DEFAULT_URLS = {"grpc": "localhost:8001", "http": "localhost:8000"}
 
 
 class LLMClientError(RuntimeError):
-    """The server rejected or failed the request; the message is the server's (it names the field)."""
+    """The server rejected or failed the request; the message is the server's (it names the field).
+    `status` is the HTTP status over HTTP (400 for a bad input); None over gRPC streams, which
+    carry only the message."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 @dataclass(frozen=True)
@@ -212,7 +218,8 @@ class LLMClient:
             if not stream:
                 payload = json.loads(bytes(response.read()).decode("utf-8"))
                 if response.status_code != 200 or "error" in payload:
-                    raise LLMClientError(payload.get("error", f"HTTP {response.status_code}"))
+                    raise LLMClientError(payload.get("error", f"HTTP {response.status_code}"),
+                                         response.status_code)
                 yield payload
                 return
             while True:
@@ -224,7 +231,7 @@ class LLMClient:
                         continue
                     payload = json.loads(line[5:])
                     if "error" in payload:
-                        raise LLMClientError(payload["error"])
+                        raise LLMClientError(payload["error"], response.status_code)
                     yield payload
         finally:
             response.release()

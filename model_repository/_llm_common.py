@@ -274,9 +274,11 @@ def _check_range(name: str, v: Any, lo: float | None, hi: float | None, lo_open:
         raise InputError(f"{name} must be in {lb}{lo_s}, {hi_s}], got {v}")
 
 
-def error_response(pb_utils: Any, message: str, code: str = "INVALID_ARG") -> Any:
-    """An error response; uses Triton's error codes when this backend version has them."""
-    code_value = getattr(pb_utils.TritonError, code, None)
+def error_response(pb_utils: Any, message: str, code: Any = "INVALID_ARG") -> Any:
+    """An error response; `code` is a `TritonError` code name ("INVALID_ARG", "UNAVAILABLE",
+    "INTERNAL", ...) or a code value taken from another error. Uses Triton's error codes when
+    this backend version has them."""
+    code_value = getattr(pb_utils.TritonError, code, None) if isinstance(code, str) else code
     if code_value is None:
         return pb_utils.InferenceResponse(error=pb_utils.TritonError(message))
     return pb_utils.InferenceResponse(error=pb_utils.TritonError(message, code_value))

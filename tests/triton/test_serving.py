@@ -126,6 +126,28 @@ def test_output_shapes_are_what_tensorrtllm_clients_read(triton_server):
     assert (out["output_log_probs"] <= 0).all()
 
 
+def test_several_sequences_stream_separately_and_match_the_unstreamed_result(triton_server):
+    fields = [tensor("text_input", PROMPTS[0]), tensor("max_tokens", 12), tensor("num_return_sequences", 2),
+              tensor("temperature", 1.0), tensor("top_k", 50), tensor("seed", 11),
+              tensor("exclude_input_in_output", True)]
+    whole = grpc_stream(triton_server.grpc_url, "ensemble", fields)
+    assert whole.error is None and len(whole.responses) == 1
+    expected = [t.decode() for t in whole.responses[0]["text_output"]]
+    assert len(expected) == 2 and expected[0] != expected[1]
+    streamed = grpc_stream(triton_server.grpc_url, "ensemble", [*fields, tensor("stream", True)])
+    assert streamed.error is None and streamed.num_final == 1
+    by_index = {0: "", 1: ""}
+    for r in streamed.responses:
+        by_index[int(r["sequence_index"][0, 0])] += r["text_output"][0].decode()
+    assert [by_index[0], by_index[1]] == expected
+
+
+def test_beam_search_returns_the_offline_best_beam(triton_server, offline):
+    _, expected = offline(PROMPTS[2], 12, num_beams=2)
+    with client(triton_server, "grpc") as llm:
+        assert llm.generate(PROMPTS[2], 12, beam_width=2, exclude_input_in_output=True).text == expected
+
+
 # --- every input, aliases, stop words ---------------------------------------------------------
 
 def test_every_optional_input_is_accepted(triton_server):
@@ -230,11 +252,12 @@ def test_bad_input_names_the_field_over_http(triton_server, case, stream):
     params = dict(fields)
     prompt, max_tokens = params.pop("text_input", None), params.pop("max_tokens", None)
     with LLMClient(triton_server.http_url, "http") as llm:
-        with pytest.raises(LLMClientError, match=field_name):
+        with pytest.raises(LLMClientError, match=field_name) as info:
             if stream:
                 list(llm.stream(prompt, max_tokens, **params))
             else:
                 llm.generate(prompt, max_tokens, **params)
+        assert info.value.status == 400  # INVALID_ARG, not an internal error
         assert llm.generate("hi", 3).finish_reason is not None
 
 

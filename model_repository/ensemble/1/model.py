@@ -211,7 +211,9 @@ class TritonPythonModel:
                 if job.final_sent:
                     continue  # drain: generation still sends its final flag
                 if response.has_error():
-                    self._finish(job, error=_rename_fields(response.error().message()))
+                    err = response.error()
+                    code = err.code() if callable(getattr(err, "code", None)) else "INTERNAL"
+                    self._finish(job, error=_rename_fields(err.message()), code=code)
                     continue
                 if not response.output_tensors():
                     continue  # generation's flag-only final response
@@ -220,10 +222,10 @@ class TritonPythonModel:
                 self._finish(job, sequences=sequences)
         except Exception as e:  # noqa: BLE001
             pb_utils.Logger.log_error(f"ensemble: stream {job.generation_id} failed: {e!r}")
-            self._finish(job, error=f"internal error: {e}")
+            self._finish(job, error=f"internal error: {e}", code="INTERNAL")
         finally:
             if not job.final_sent:
-                self._finish(job, error="internal error: stream ended without a result")
+                self._finish(job, error="internal error: stream ended without a result", code="INTERNAL")
             with self._jobs_lock:
                 self._jobs.pop(id(job), None)
 
@@ -301,7 +303,7 @@ class TritonPythonModel:
             self._cancel(job)
 
     def _finish(self, job: _Job, error: str | None = None,
-                sequences: dict[int, _SequenceText] | None = None) -> None:
+                sequences: dict[int, _SequenceText] | None = None, code: Any = "INVALID_ARG") -> None:
         """The request's one final response: an error, the whole result (non-streaming), or
         whatever text is still held back (streaming; flag-only if there is none)."""
         with job.lock:
@@ -310,8 +312,7 @@ class TritonPythonModel:
             job.final_sent = True
         try:
             if error is not None:
-                job.sender.send(error_response(pb_utils, error, "INVALID_ARG" if not error.startswith(
-                    "internal") else "INTERNAL"), flags=FINAL)
+                job.sender.send(error_response(pb_utils, error, code), flags=FINAL)
                 return
             items = []
             for index, seq in sorted((sequences or {}).items()):
