@@ -9,8 +9,9 @@
 #
 #   CONCURRENCY  space-separated levels (default "1 4 8")
 #   MAX_TOKENS   tokens per request (default 64);  PROMPT (default a short sentence)
-#   REQUESTS     requests per measurement window (default 32)
-#   STABILITY_PCT  windows must agree within this % (default 30); PA_ARGS: extra perf_analyzer flags
+#   REQUESTS     requests measured per level (default 8 x concurrency + 8; a fixed count rather
+#                than perf_analyzer's stabilization windows, which rarely settle on a shared box)
+#   PA_ARGS      extra perf_analyzer flags
 #   OUT_DIR      keep the input JSON, CSV, profile export and summary here (default: a temp dir)
 #
 # perf_analyzer needs libb64.so.0d (Debian's libb64-0d) and libcudart.so.12 (PyPI's
@@ -24,8 +25,6 @@ URL=${URL:-localhost:8001}
 CONCURRENCY=${CONCURRENCY:-1 4 8}
 MAX_TOKENS=${MAX_TOKENS:-64}
 PROMPT=${PROMPT:-Once upon a time there was a little model that wanted to generate text quickly.}
-REQUESTS=${REQUESTS:-32}
-STABILITY_PCT=${STABILITY_PCT:-30}  # perf_analyzer's default 10 rarely settles on a shared CPU box
 CUDART_PIN=nvidia-cuda-runtime-cu12==12.6.77
 
 [ -x "$PA" ] || { echo "no perf_analyzer at $PA: run 'make setup' (tritonclient[all])" >&2; exit 1; }
@@ -83,9 +82,10 @@ EOF
 echo "perf_analyzer: ensemble at $URL, streaming, concurrency $CONCURRENCY, $MAX_TOKENS tokens/request" >&2
 profiles=()
 for c in $CONCURRENCY; do
+    n=${REQUESTS:-$((8 * c + 8))}
+    rm -f "$out/profile-c$c.json"  # perf_analyzer refuses to overwrite it
     "$PA" -m ensemble -i grpc -u "$URL" --streaming --input-data "$out/input.json" \
-        --concurrency-range "$c" --measurement-mode count_windows --measurement-request-count "$REQUESTS" \
-        --stability-percentage "$STABILITY_PCT" --max-trials 10 \
+        --concurrency-range "$c" --request-count "$n" \
         --profile-export-file "$out/profile-c$c.json" -f "$out/perf_analyzer-c$c.csv" \
         ${PA_ARGS:-} >"$out/perf_analyzer-c$c.log" 2>&1 || { cat "$out/perf_analyzer-c$c.log" >&2; exit 1; }
     profiles+=("$out/profile-c$c.json")
