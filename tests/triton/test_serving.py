@@ -319,6 +319,20 @@ def test_stop_input_aborts_the_running_request_with_that_id(triton_server, token
     _engine_idle(triton_server)
 
 
+def test_engine_metrics_are_exported(triton_server):
+    before = triton_server.metrics()
+    with client(triton_server, "grpc") as llm:
+        list(llm.stream(PROMPTS[0], 6))
+    triton_server.wait_metric("llm_generated_tokens_total",
+                              lambda v: v >= before.get("llm_generated_tokens_total", 0) + 6)
+    after = triton_server.metrics()
+    assert after["llm_requests_total"] >= before.get("llm_requests_total", 0) + 1
+    assert after["llm_time_to_first_token_seconds_count"] > before.get("llm_time_to_first_token_seconds_count", 0)
+    assert after["llm_inter_token_latency_seconds_count"] > 0
+    assert after["llm_kv_blocks_used"] + after["llm_kv_blocks_free"] == 256  # LLM_NUM_KV_BLOCKS
+    assert 0.0 <= after["llm_prefix_cache_hit_rate"] <= 1.0
+
+
 # --- concurrency and the inner models ---------------------------------------------------------
 
 def test_concurrent_clients_all_get_their_own_correct_answer(triton_server, offline):
