@@ -194,7 +194,8 @@ def test_min_tokens_and_its_alias_keep_generating_past_end_id(triton_server, off
     assert held.responses[-1]["num_output_tokens"][0][0] >= 5
 
 
-def test_stop_word_ends_generation_and_is_not_returned(triton_server, offline, tokenizer):
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_stop_word_ends_generation_and_is_not_returned(triton_server, offline, tokenizer, protocol):
     """Stop words match token sequences (as in TensorRT-LLM): pick two generated tokens whose
     text encodes back to exactly them and that do not occur earlier."""
     gen_ids, _ = offline(PROMPTS[0], 24)
@@ -207,7 +208,7 @@ def test_stop_word_ends_generation_and_is_not_returned(triton_server, offline, t
     else:
         pytest.skip("no clean two-token stop word in the greedy output")
     expected = tokenizer.decode(gen_ids[:k])
-    with client(triton_server, "grpc") as llm:
+    with client(triton_server, protocol) as llm:
         result = llm.generate(PROMPTS[0], 24, exclude_input_in_output=True, stop_words=[word])
         streamed = "".join(d.text for d in llm.stream(PROMPTS[0], 24, exclude_input_in_output=True,
                                                        stop_words=[word]))
