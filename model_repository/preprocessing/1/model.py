@@ -7,11 +7,12 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-sys.dont_write_bytecode = True  # a __pycache__ dir in the model repository would look like a model
+# No __pycache__ in the model repository: Triton would take it for a model. (Existing .pyc files
+# elsewhere are still read, so this costs nothing after the first import.)
+sys.dont_write_bytecode = True
 import _llm_common  # stdlib only: must run before numpy/torch imports
 
 _llm_common.bootstrap(__file__)
-sys.dont_write_bytecode = False
 
 import json
 from typing import Any
