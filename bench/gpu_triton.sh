@@ -28,6 +28,8 @@ rm -rf "$repo"; cp -r "$root/model_repository" "$repo"; find "$repo" -name __pyc
 export LLM_PYTHON_PATH="$work/py:$root"
 export LLM_MODEL_DIR=$model LLM_DEVICE=cuda LLM_DTYPE=${LLM_DTYPE:-bfloat16}
 export LLM_MAX_BATCH_SIZE=${LLM_MAX_BATCH_SIZE:-128}
+export LLM_MAX_SEQ_LEN=${LLM_MAX_SEQ_LEN:-4096}
+export LLM_COMPILE_DECODE=${LLM_COMPILE_DECODE:-true}
 export TOKENIZERS_PARALLELISM=false
 tri=$work/tri/pytriton/tritonserver
 "$tri/bin/tritonserver" --model-repository="$repo" --backend-directory="$tri/backends" \
