@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import os
+import types
 from collections.abc import Callable, Sequence
 
 import torch
@@ -270,32 +271,51 @@ def llama_decode_forward(model: nn.Module, input_ids: torch.Tensor, positions: t
 
 def make_compiled_decode_forward(model: nn.Module, *, backend: str = "inductor") -> DecodeForward:
     """A `DecodeForward` running `llama_decode_forward` through torch.compile, compiled on the
-    first call (the runner's warm-up, outside graph capture): once for one row, once for any
-    larger batch (the row dimension is marked dynamic; everything else, the KV pool included,
-    stays static, so a batch that happens to equal the layer count cannot force a recompile)."""
+    first call (the runner's warm-up, outside graph capture).
+
+    One compiled step per model, shared by every runner over it: Dynamo compiles once for one
+    row and once for any larger batch (the row dimension and the pool's block count are marked
+    dynamic, so a new KV pool or bucket does not recompile; the layer count and head shapes
+    stay static). Each model gets its own code object, so the compile caches of two models
+    (a 1B and an 8B in one process) never count against each other's recompile limit."""
     if not supports_compiled_decode(model):
         raise ValueError(f"compiled decode supports Llama-family models without dynamic rope, "
                          f"got {type(model).__name__}")
+    compiled = getattr(model, "_runtime_lib_compiled_decode", None)
+    if compiled is None or compiled[0] != backend:
+        def step(input_ids, positions, kv_cache, slot_mapping, block_tables, context_lens, logits_indices,
+                 max_context_len: int):
+            return llama_decode_forward(model, input_ids, positions, kv_cache, slot_mapping, block_tables,
+                                        context_lens, logits_indices, max_context_len)
 
-    def step(input_ids, positions, kv_cache, slot_mapping, block_tables, context_lens, logits_indices,
-             max_context_len: int):
-        return llama_decode_forward(model, input_ids, positions, kv_cache, slot_mapping, block_tables,
-                                    context_lens, logits_indices, max_context_len)
-
-    compiled = torch.compile(step, backend=backend, dynamic=False, fullgraph=True)
+        code = step.__code__.replace(co_name=f"decode_step_{id(model):x}")
+        step = types.FunctionType(code, step.__globals__, code.co_name, step.__defaults__, step.__closure__)
+        compiled = (backend, torch.compile(step, backend=backend, dynamic=False, fullgraph=True))
+        # A model <-> closure cycle: collected with the model (gc), not kept alive by a global cache.
+        object.__setattr__(model, "_runtime_lib_compiled_decode", compiled)
+    compiled_step = compiled[1]
 
     @torch.no_grad()
     def forward(input_ids, positions, kv_cache, meta: AttentionMetadata, logits_indices):
-        per_row = (input_ids, positions, meta.slot_mapping, meta.block_tables, meta.context_lens, logits_indices)
+        torch._dynamo.mark_dynamic(kv_cache, 2)  # num_blocks: any pool
         if input_ids.shape[0] > 1:
-            for t in per_row:
+            for t in (input_ids, positions, meta.slot_mapping, meta.block_tables, meta.context_lens, logits_indices):
                 torch._dynamo.mark_dynamic(t, 0)
-        return compiled(input_ids, positions, kv_cache, meta.slot_mapping, meta.block_tables,
-                        meta.context_lens, logits_indices, meta.max_context_len)
+        return compiled_step(input_ids, positions, kv_cache, meta.slot_mapping, meta.block_tables,
+                             meta.context_lens, logits_indices, meta.max_context_len)
 
     return forward
 
 
-__all__ = ["DecodeGraphRunner", "GRAPH_BATCH_SIZES", "graph_batch_sizes", "choose_bucket",
-           "graph_unsupported_reason", "cuda_graphs_disabled_by_env", "decode_attention",
-           "llama_decode_forward", "make_compiled_decode_forward", "supports_compiled_decode"]
+__all__ = [
+    "GRAPH_BATCH_SIZES",
+    "DecodeGraphRunner",
+    "choose_bucket",
+    "cuda_graphs_disabled_by_env",
+    "decode_attention",
+    "graph_batch_sizes",
+    "graph_unsupported_reason",
+    "llama_decode_forward",
+    "make_compiled_decode_forward",
+    "supports_compiled_decode",
+]

@@ -50,6 +50,9 @@ class EngineConfig:
     max_queue_size: int = 1024
     max_seq_len: int | None = None            # None: the model's limit
     scheduling_policy: str = "fcfs"           # "fcfs" | "priority"
+    cuda_graphs: bool = True                  # replay decode-only steps from CUDA graphs (GPU only)
+    compile_decode: bool = False              # torch.compile the captured decode step (Llama family;
+                                              # ~15-60 s of compilation on first use, fewer kernels)
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "max_queue_size"):
@@ -140,8 +143,14 @@ class LLMEngine:
         self.max_input_len = min(mc.max_input_len, self.max_seq_len - 1)
         self.tokenizer = _try_load_tokenizer(config.model_dir)
         num_blocks = config.num_kv_blocks or self._default_num_blocks()
-        self.kv_cache = self.session.allocate_kv_cache(num_blocks, config.block_size)
+        # One block more than the manager hands out: CUDA-graph padding rows write there.
+        self.kv_cache = self.session.allocate_kv_cache(num_blocks + 1, config.block_size)
         self.blocks = BlocksManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self._graph_runner = self.session.enable_cuda_graphs(
+            self.kv_cache, max_batch_size=config.max_num_seqs, max_seq_len=self.max_seq_len,
+            scratch_block=num_blocks, compile=config.compile_decode) if config.cuda_graphs else None
+        # SamplingTensors of the last sampled batch, reused while its sequences are unchanged.
+        self._sampling_cache: tuple[list[Sequence], SamplingTensors] | None = None
         self.scheduler = Scheduler(
             SchedulerConfig(max_num_seqs=config.max_num_seqs,
                             max_num_batched_tokens=max(config.max_num_batched_tokens, 1),
@@ -250,7 +259,7 @@ class LLMEngine:
                            * torch.finfo(mc.torch_dtype).bits // 8)
         if self.device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(self.device)
-            return max(1, int(free * cfg.kv_cache_memory_fraction) // bytes_per_block)
+            return max(1, int(free * cfg.kv_cache_memory_fraction) // bytes_per_block - 1)
         # CPU: room for every row at full length, scaled by the fraction.
         per_seq = -(-self.max_seq_len // cfg.block_size)
         return max(per_seq, int(cfg.max_num_seqs * per_seq * cfg.kv_cache_memory_fraction))
@@ -343,8 +352,12 @@ class LLMEngine:
         return outputs
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[float] | None]:
-        params = [s.data.params for s in seqs]
-        st = SamplingTensors.build(params, self.device)
+        cached = self._sampling_cache
+        if cached is not None and len(cached[0]) == len(seqs) and all(a is b for a, b in zip(cached[0], seqs)):
+            st = cached[1]  # steady decode: same rows as last step, skip ~20 host->device copies
+        else:
+            st = SamplingTensors.build([s.data.params for s in seqs], self.device)
+            self._sampling_cache = (list(seqs), st)
         steps = [s.num_output_tokens for s in seqs]
         history = dict(prompt_ids=[s.prompt_token_ids for s in seqs],
                        output_ids=[s.output_token_ids for s in seqs]) if st.needs_history else {}
@@ -427,7 +440,7 @@ class LLMEngine:
         mc = self.model_config
         if sampling.num_beams > mc.max_beam_width:
             raise ValueError(f"beam_width must be in [1, {mc.max_beam_width}], got {sampling.num_beams}")
-        gen = GenerationSession(mc, self.session)
+        gen = GenerationSession(mc, self.session, cuda_graphs=False)  # a graph set per request: too costly
         gen.setup(1, len(prompt), sampling.max_new_tokens, sampling.num_beams)
         scfg = sampling.copy()
         scfg.update(return_dict=True, output_sequence_lengths=True, output_cum_log_probs=True,

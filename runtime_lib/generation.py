@@ -78,8 +78,12 @@ class GenerationSession:
     `engine` is a `Session` (or the bytes of a serialized one)."""
 
     def __init__(self, model_config: ModelConfig, engine: Session | bytes, mapping: Mapping | None = None,
-                 debug_mode: bool = False, stream: object = None) -> None:
+                 debug_mode: bool = False, stream: object = None, cuda_graphs: bool = True) -> None:
         self.runtime = engine if isinstance(engine, Session) else Session.from_serialized_engine(engine)
+        # Decode steps replay CUDA graphs on GPU (runtime_lib/cuda_graph.py); the runner is
+        # kept here because the Session only holds it weakly.
+        self.cuda_graphs = cuda_graphs
+        self._graph_runner = None
         self.model_config = model_config
         self.mapping = mapping or Mapping()
         self.debug_mode = debug_mode
@@ -133,8 +137,24 @@ class GenerationSession:
         self.max_blocks_per_seq = -(-(max_context_length + max_new_tokens) // bs)
         # Every beam may own all its blocks, plus one spare per beam for copy-on-write.
         num_blocks = batch_size * beam_width * (self.max_blocks_per_seq + 1)
-        if self._kv_cache is None or self._kv_cache.shape[2] < num_blocks:
-            self._kv_cache = self.runtime.allocate_kv_cache(num_blocks, bs)
+        # + 1: the last block belongs to no sequence; CUDA-graph padding rows write there.
+        if self._kv_cache is None or self._kv_cache.shape[2] < num_blocks + 1:
+            self._kv_cache = self.runtime.allocate_kv_cache(num_blocks + 1, bs)
+            self._graph_runner = None
+        # Sized by the build limits, not this batch: later setups reuse the runner and its graphs.
+        self._setup_cuda_graphs(cfg.max_batch_size * max(cfg.max_beam_width, 1), cfg.max_seq_len)
+
+    def _setup_cuda_graphs(self, num_rows: int, max_seq_len: int) -> None:
+        """(Re)build the decode graph runner over the KV pool when this batch outgrows it."""
+        runner = self._graph_runner
+        if not self.cuda_graphs or (runner is not None and runner.max_batch_size >= num_rows
+                                    and runner.max_seq_len >= max_seq_len):
+            return
+        if runner is not None:
+            self.runtime.disable_cuda_graphs(self._kv_cache)
+        self._graph_runner = self.runtime.enable_cuda_graphs(
+            self._kv_cache, max_batch_size=num_rows, max_seq_len=max_seq_len,
+            scratch_block=self._kv_cache.shape[2] - 1)
 
     # ------------------------------------------------------------------ decode
     def decode(self, input_ids: torch.Tensor, context_lengths: torch.Tensor, sampling_config: SamplingConfig,
@@ -261,7 +281,7 @@ class GenerationSession:
         gen_logits: list[torch.Tensor] = []
 
         kv_cache = plan.kv_cache
-        kv = KVCacheManager(num_blocks=kv_cache.shape[2], tokens_per_block=bs,
+        kv = KVCacheManager(num_blocks=kv_cache.shape[2] - 1, tokens_per_block=bs,  # last: scratch
                             max_blocks_per_seq=plan.max_blocks_per_seq, beam_width=W)
         self.kv_cache_manager = kv
         try:
@@ -306,11 +326,17 @@ class GenerationSession:
                                    output_ids=[r.output_ids for r in rows]) if st.needs_history else {}
                     out = sample(logits, st, steps=steps, **history)
                     lp_list = out.logprobs.tolist() if out.logprobs is not None else None
+                    written, cols = [], []
                     for i, (r, tok) in enumerate(zip(rows, out.token_ids.tolist())):
                         if not r.finished:
-                            ids_buf[i, r.prompt_len + len(r.output_ids)] = tok
+                            written.append(i)
+                            cols.append(r.prompt_len + len(r.output_ids))
                             _append_token(r, tok, None if lp_list is None else lp_list[i],
                                           end_id=-1 if scfg.ignore_eos else end_id, max_new_tokens=max_new)
+                    # ids_buf is read only by processors / criteria: one indexed write, not one per row.
+                    if written and (logits_processor is not None or stopping_criteria is not None):
+                        idx = torch.tensor(written, device=device)
+                        ids_buf[idx, torch.tensor(cols, device=device)] = out.token_ids[idx]
                     done = all(r.finished for r in rows)
                 if stopping_criteria is not None and stopping_criteria(step, ids_buf, logits):
                     done = True

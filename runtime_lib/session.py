@@ -180,8 +180,13 @@ class Session:
         `DecodeGraphRunner`, which the caller must keep alive for as long as graphs should be
         used (the Session holds it weakly), or None when graphs do not apply: not on CUDA, a
         model whose step cannot be captured, or RUNTIME_LIB_CUDA_GRAPHS=0."""
-        from .cuda_graph import (DecodeGraphRunner, cuda_graphs_disabled_by_env, graph_unsupported_reason,
-                                 make_compiled_decode_forward, supports_compiled_decode)
+        from .cuda_graph import (
+            DecodeGraphRunner,
+            cuda_graphs_disabled_by_env,
+            graph_unsupported_reason,
+            make_compiled_decode_forward,
+            supports_compiled_decode,
+        )
 
         model = self.model
         if (kv_cache.device.type != "cuda" or self.device.type != "cuda" or model is None

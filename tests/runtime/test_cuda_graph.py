@@ -12,10 +12,14 @@ import pytest
 import torch
 
 from runtime_lib.cuda_graph import (
-    DecodeGraphRunner, choose_bucket, graph_batch_sizes, graph_unsupported_reason, llama_decode_forward,
-    make_compiled_decode_forward, supports_compiled_decode,
+    DecodeGraphRunner,
+    choose_bucket,
+    graph_batch_sizes,
+    graph_unsupported_reason,
+    llama_decode_forward,
+    make_compiled_decode_forward,
+    supports_compiled_decode,
 )
-from runtime_lib.layers.attention import AttentionMetadata
 from runtime_lib.model_step import StepRow, build_step_inputs
 from runtime_lib.models import allocate_kv_cache, build_model, load_model
 from runtime_lib.session import Session, TorchBackend
