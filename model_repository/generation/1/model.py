@@ -112,6 +112,9 @@ class TritonPythonModel:
             kv_cache_memory_fraction=params.float("kv_cache_free_gpu_mem_fraction", 0.9, 0.0, 1.0),
             enable_prefix_caching=params.bool("enable_kv_cache_reuse", True),
             max_queue_size=params.int("max_queue_size", 1024, lo=1),
+            max_seq_len=params.int("max_seq_len", None, lo=2),
+            cuda_graphs=params.bool("cuda_graphs", True),
+            compile_decode=params.bool("compile_decode", False),
         ))
         # Ids the engine stops/pads with unless a request says otherwise; an engine directory
         # without tokenizer files serves ids only, with the checkpoint's eos/pad ids.
