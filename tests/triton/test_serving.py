@@ -395,3 +395,35 @@ def test_preprocessing_and_postprocessing_roundtrip(triton_server, tokenizer):
     with pytest.raises(Exception, match="REQUEST_OUTPUT_LEN"):
         c.infer("preprocessing", [inp("QUERY", np.array([[b"hi"]], dtype=np.object_))])
     c.close()
+
+
+def test_mixed_settings_under_load_equal_each_request_alone(triton_server):
+    """Issue 5: N concurrent streams with mixed greedy / seeded-sampling settings get, per
+    request, exactly the text that request gets when sent alone."""
+    rng = np.random.default_rng(5)
+    jobs = []
+    for i in range(16):
+        prompt = PROMPTS[i % len(PROMPTS)] + " " * (i % 3)
+        params = {} if i % 3 == 0 else {
+            "temperature": float(rng.choice([0.7, 1.0, 1.3])), "top_k": int(rng.choice([0, 5, 40])),
+            "top_p": float(rng.choice([0.8, 0.95, 1.0])), "seed": 100 + i}
+        if i % 5 == 4:
+            params["repetition_penalty"] = 1.3
+        jobs.append((prompt, 12 + i % 7, params))
+
+    def run(job) -> str:
+        prompt, max_tokens, params = job
+        with client(triton_server, "grpc") as llm:
+            return "".join(d.text for d in llm.stream(prompt, max_tokens, exclude_input_in_output=True,
+                                                      **params))
+
+    together: dict[int, str] = {}
+    threads = [threading.Thread(target=lambda i=i, j=j: together.__setitem__(i, run(j)))
+               for i, j in enumerate(jobs)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    alone = {i: run(j) for i, j in enumerate(jobs)}
+    assert together == alone
+    assert len(set(alone.values())) > 4, "settings should actually differ between requests"
