@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# In-flight batching vs one-at-a-time serving, same model, same load, same run: starts the
-# server twice (engine max_batch_size 1, then 64) and drives each with perf_analyzer
-# (bench/perf_analyzer.sh, streaming, CONCURRENCY clients); prints both and the ratio.
+# In-flight batching vs one-at-a-time serving, same model, same load, same run: a server with
+# engine max_batch_size 1, then one with 64, each driven by perf_analyzer (bench/perf_analyzer.sh,
+# streaming, CONCURRENCY clients); prints both and the ratio.
 #   CONCURRENCY=32 MAX_TOKENS=32 bash bench/inflight_vs_serial.sh
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -15,20 +15,11 @@ mkdir -p "$OUT"
 
 free_port() { "$VPY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 for mode in serial inflight; do
-    batch=$([ $mode = serial ] && echo 1 || echo 64)
-    grpc=$(free_port)
-    LLM_MAX_BATCH_SIZE=$batch HOST=127.0.0.1 GRPC_PORT=$grpc HTTP_PORT=$(free_port) METRICS_PORT=$(free_port) \
-        bash "$root/scripts/serve.sh" >"$work/server-$mode.log" 2>&1 &
-    server=$!
-    for _ in $(seq 300); do
-        "$VPY" -c "import sys, tritonclient.grpc as g; sys.exit(0 if g.InferenceServerClient('127.0.0.1:$grpc').is_model_ready('ensemble') else 1)" \
-            2>/dev/null && break
-        kill -0 $server 2>/dev/null || { cat "$work/server-$mode.log" >&2; exit 1; }
-        sleep 1
-    done
-    URL=127.0.0.1:$grpc CONCURRENCY=$CONCURRENCY MAX_TOKENS=$MAX_TOKENS REQUESTS=$REQUESTS OUT_DIR="$work/$mode" \
+    # No server answers on a fresh port, so perf_analyzer.sh starts one (scripts/serve.sh,
+    # which passes LLM_MAX_BATCH_SIZE to the engine) and stops it when done.
+    LLM_MAX_BATCH_SIZE=$([ $mode = serial ] && echo 1 || echo 64) URL=127.0.0.1:$(free_port) \
+        CONCURRENCY=$CONCURRENCY MAX_TOKENS=$MAX_TOKENS REQUESTS=$REQUESTS OUT_DIR="$work/$mode" \
         bash "$root/bench/perf_analyzer.sh" >&2
-    kill -TERM $server; wait $server 2>/dev/null || true
 done
 
 "$VPY" - "$work" "$OUT" "$CONCURRENCY" "$MAX_TOKENS" <<'PY'
