@@ -8,8 +8,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from runtime_lib.kv_cache import (BlockCopy, BlocksManager, GenerationSequence, KVCacheManager,
-                                  OutOfBlocksError)
+from runtime_lib.kv_cache import BlockCopy, BlocksManager, GenerationSequence, KVCacheManager, OutOfBlocksError
 
 
 class SimulatedKV:
@@ -160,7 +159,7 @@ def test_match_never_covers_the_whole_prompt():
 
 
 def test_salted_requests_do_not_share_prefixes():
-    pool, kv = BlocksManager(num_blocks=8, block_size=2), SimulatedKV(8, 2)
+    pool = BlocksManager(num_blocks=8, block_size=2)
     prompt = [5, 6, 7, 8, 9]
     table: list[int] = []
     assert pool.allocate_slots(table, 0, 5) is not None

@@ -96,7 +96,7 @@ def test_prefill_then_paged_decode_matches_hf(any_family_checkpoint, hf_models):
     seqs = [list(p) for p in PROMPTS]
     for i, ids in enumerate(seqs):
         torch.testing.assert_close(out[i], hf_logits(hf, ids), atol=ATOL, rtol=0,
-                                   msg=lambda m: f"{family} prefill of sequence {i}: {m}")
+                                   msg=lambda m, i=i: f"{family} prefill of sequence {i}: {m}")
 
     # Five decode steps, one token per sequence, crossing block boundaries.
     for step in range(5):
@@ -105,7 +105,7 @@ def test_prefill_then_paged_decode_matches_hf(any_family_checkpoint, hf_models):
         out = runner.step({i: [ids[-1]] for i, ids in enumerate(seqs)})
         for i, ids in enumerate(seqs):
             torch.testing.assert_close(out[i][0], hf_logits(hf, ids)[-1], atol=ATOL, rtol=0,
-                                       msg=lambda m: f"{family} decode step {step}, sequence {i}: {m}")
+                                       msg=lambda m, i=i, step=step: f"{family} decode step {step}, sequence {i}: {m}")
     assert all(len(runner.tables[i]) > 1 for i in range(3))
 
 

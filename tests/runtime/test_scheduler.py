@@ -13,8 +13,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from runtime_lib.kv_cache import BlocksManager
-from runtime_lib.scheduler import (QueueFullError, RequestTooLargeError, Scheduler, SchedulerConfig,
-                                   SchedulerOutput)
+from runtime_lib.scheduler import QueueFullError, RequestTooLargeError, Scheduler, SchedulerConfig, SchedulerOutput
 from runtime_lib.sequence import Sequence, SequenceStatus
 
 _ids = itertools.count()
