@@ -6,6 +6,16 @@ append, check stops, and hand each request its new tokens through its callback. 
 join and leave between iterations; `abort` frees a request's blocks at once. Beam-search
 requests run as their own group (a `GenerationSession` over the same weights), advanced one
 step per iteration beside the batch.
+
+Asynchronous scheduling (`EngineConfig.async_scheduling`, on by default): the host prepares
+and launches step t+1 while the GPU still runs step t. A row sampled in step t gets a
+placeholder token on the host; step t+1 takes its input token from step t's sampled tokens on
+the device (`StepRow.feed_index`), and step t's tokens reach the host one step behind, where
+they replace the placeholders and are checked for stops. A sequence that stops is thus
+computed one step too many and that extra token is dropped: outputs are the same as
+synchronous stepping. Steps whose sampling needs the host token history (repetition /
+presence / frequency penalties, no-repeat n-grams, multi-token bad words) wait for the
+previous tokens first.
 """
 from __future__ import annotations
 
@@ -22,7 +32,7 @@ import torch
 from .config import SamplingConfig
 from .kv_cache import BlocksManager
 from .model_step import StepRow, apply_block_copies, build_step_inputs
-from .sampling import SamplingParams, SamplingTensors, random_seed, sample
+from .sampling import SampleOutput, SamplingParams, SamplingTensors, random_seed, sample
 from .scheduler import QueueFullError, RequestRejectedError, Scheduler, SchedulerConfig, SchedulerOutput
 from .sequence import Sequence, SequenceStatus
 from .session import Session
@@ -53,6 +63,7 @@ class EngineConfig:
     cuda_graphs: bool = True                  # replay decode-only steps from CUDA graphs (GPU only)
     compile_decode: bool = False              # torch.compile the captured decode step (Llama family;
                                               # ~15-60 s of compilation on first use, fewer kernels)
+    async_scheduling: bool = True             # prepare step t+1 while step t runs (see module doc)
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "max_queue_size"):
@@ -66,9 +77,11 @@ class EngineConfig:
             raise ValueError(f"scheduling_policy must be 'fcfs' or 'priority', got {self.scheduling_policy!r}")
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class RequestOutput:
-    """New tokens of one request (one sequence of it when n > 1) since its last output."""
+    """New tokens of one request (one sequence of it when n > 1) since its last output.
+    Read-only by convention: not frozen, because a frozen dataclass costs ~1 us more to build
+    and the engine builds one per row per step."""
 
     request_id: str
     sequence_index: int
@@ -97,7 +110,10 @@ class EngineStats:
     num_requests_active: int
 
 
-@dataclass
+_PLACEHOLDER = -1  # a sampled token still on its way to the host (asynchronous scheduling)
+
+
+@dataclass(slots=True)
 class _RequestState:
     """Per-sequence engine state, hung on `Sequence.data`."""
 
@@ -108,10 +124,35 @@ class _RequestState:
     end_id: int
     matcher: StopWordsMatcher | None
     want_log_probs: bool
+    needs_history: bool                      # sampling reads the host token history
     log_probs: list[float] = field(default_factory=list)
     num_emitted: int = 0                     # output tokens already handed out
     siblings: list[Sequence] = field(default_factory=list)  # n > 1: added once the prompt is cached
     first_token_time: float | None = None
+    # >= 0: token_ids[-1] is a placeholder for the token sampled in row `pending_row` of the
+    # step in flight (its device tokens feed the next step; the host value comes one step late).
+    pending_row: int = -1
+
+
+@dataclass(slots=True)
+class _InFlight:
+    """A launched step whose sampled tokens are still on their way to the host."""
+
+    sched: SchedulerOutput
+    seqs: list[Sequence]                  # rows that sampled, in logits order
+    tokens: torch.Tensor | None           # (N,) int64 on the device: feeds the next step
+    host_tokens: torch.Tensor | None      # (N,) int64 on the host (pinned on CUDA)
+    host_logprobs: torch.Tensor | None    # (N,) float32 on the host, when a row asked
+    ready: torch.cuda.Event | None        # host copies done (None: already on the host)
+
+    def results(self) -> tuple[list[int], list[float] | None]:
+        """Block until the step's tokens are on the host; (token ids, log probs or None)."""
+        if self.host_tokens is None:
+            return [], None
+        if self.ready is not None:
+            self.ready.synchronize()
+        lps = self.host_logprobs.tolist() if self.host_logprobs is not None else None
+        return self.host_tokens.tolist(), lps
 
 
 class RequestStream:
@@ -194,7 +235,8 @@ class LLMEngine:
                 params=p, on_output=on_output, request_id=request_id, sequence_index=i,
                 end_id=-1 if sampling.ignore_eos else sampling.end_id,
                 matcher=StopWordsMatcher(p.stop_words) if p.stop_words else None,
-                want_log_probs=bool(sampling.output_log_probs or sampling.output_cum_log_probs))
+                want_log_probs=bool(sampling.output_log_probs or sampling.output_cum_log_probs),
+                needs_history=_needs_history(p))
             seqs.append(seq)
         seqs[0].data.siblings = seqs[1:]
         with self._lock:
@@ -284,7 +326,10 @@ class LLMEngine:
 
     def _final_output(self, seq: Sequence, reason: str, error: str | None = None) -> tuple:
         st: _RequestState = seq.data
-        new = seq.output_token_ids[st.num_emitted:] if reason != "abort" else []
+        if st.pending_row >= 0:  # finished (aborted, failed) before its last token arrived
+            del seq.token_ids[-1]
+            st.pending_row = -1
+        new = seq.token_ids[seq.num_prompt_tokens + st.num_emitted:] if reason != "abort" else []
         st.num_emitted += len(new)
         lps = st.log_probs[len(st.log_probs) - len(new):] if st.want_log_probs and new else (
             [] if st.want_log_probs else None)
@@ -304,70 +349,144 @@ class LLMEngine:
 
     # ---------------------------------------------------------------- loop
     def _loop(self) -> None:
+        prev: _InFlight | None = None  # the step in flight whose tokens are not on the host yet
         while True:
             with self._lock:
-                while not self._stopped and not self.scheduler.has_unfinished() and not self._beam_groups:
+                while (not self._stopped and prev is None and not self.scheduler.has_unfinished()
+                       and not self._beam_groups):
                     self._wake.wait()
                 if self._stopped:
                     outputs = []
-                    for rid, seqs in list(self._active.items()):
+                    for seqs in list(self._active.values()):
                         for seq in seqs:
                             self.scheduler.abort(seq.request_id)
                             outputs.append(self._final_output(seq, "abort"))
                     self._active.clear()
                     break
                 sched = self.scheduler.schedule()
+                # Sampling that reads the token history needs the previous tokens on the host.
+                sync_first = prev is not None and not sched.is_empty and any(
+                    s.needs_logits and s.seq.data.needs_history for s in sched.scheduled)
             outputs = []
+            had_prev = prev is not None
+            if sync_first:
+                outputs += self._complete(prev)
+                prev = None
+            launched = None
             if not sched.is_empty:
                 try:
-                    outputs = self._run_step(sched)
+                    launched = self._launch(sched, prev)
                 except Exception as e:  # fail this step's requests, keep serving the rest
                     log.exception("engine step failed")
-                    outputs = self._fail_step(sched, e)
+                    if prev is not None:
+                        outputs += self._complete(prev)
+                        prev = None
+                    outputs += self._fail_step(sched, e)
+            if prev is not None:  # step t+1 is queued behind it: now wait for step t's tokens
+                outputs += self._complete(prev)
+                prev = None
+            if launched is not None:
+                with self._lock:
+                    self._num_steps += 1
+                    self.scheduler.on_step_done(sched)
+                    deferred = self.config.async_scheduling and self._defer(launched)
+                if deferred:
+                    prev = launched
+                else:
+                    outputs += self._complete(launched)
             if self._beam_groups:
                 outputs += self._advance_beam_groups()
             self._emit(outputs)
-            if sched.is_empty and not self._beam_groups:
+            if sched.is_empty and not had_prev and not self._beam_groups:
                 time.sleep(0.001)  # nothing fits right now (blocks held elsewhere): don't spin
         self._emit(outputs)
 
-    def _run_step(self, sched: SchedulerOutput) -> list[tuple]:
+    def _launch(self, sched: SchedulerOutput, prev: _InFlight | None) -> _InFlight:
+        """Queue the step's forward and sampling on the device, and the copy of its sampled
+        tokens to the host; no host sync (on CUDA)."""
         apply_block_copies(self.kv_cache, sched.block_copies)
-        rows = [StepRow(s.token_ids, s.num_computed_tokens, list(s.seq.block_table), s.needs_logits)
-                for s in sched.scheduled]
-        inputs = build_step_inputs(rows, self.config.block_size, self.device)
+        with self._lock:  # abort() edits block tables and placeholders from other threads
+            # Rows finished since `schedule()` (aborted, or a stop seen in the previous step's
+            # late tokens) hold no blocks any more: leave them out.
+            live = [s for s in sched.scheduled if not s.seq.status.is_finished]
+            if not live:
+                return _InFlight(sched, [], None, None, None, None)
+            rows = [StepRow(s.token_ids, s.num_computed_tokens, s.seq.block_table, s.needs_logits,
+                            feed_index=s.seq.data.pending_row)
+                    for s in live]
+            inputs = build_step_inputs(rows, self.config.block_size, self.device,
+                                       feed_tokens=prev.tokens if prev is not None else None)
         inputs["kv_cache"] = self.kv_cache
         out: dict[str, torch.Tensor] = {}
         self.session.run(inputs, out)
-        sampled = [s.seq for s in sched.scheduled if s.needs_logits]
-        tokens, logprobs = self._sample(out["logits"], sampled) if sampled else ([], None)
+        sampled = [s.seq for s in live if s.needs_logits]
+        if not sampled:
+            return _InFlight(sched, [], None, None, None, None)
+        res = self._sample(out["logits"], sampled)
+        tokens, logprobs = res.token_ids, res.logprobs
+        if self.device.type != "cuda":
+            return _InFlight(sched, sampled, tokens, tokens, logprobs, None)
+        host_tokens = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+        host_tokens.copy_(tokens, non_blocking=True)
+        host_lps = None
+        if logprobs is not None:
+            host_lps = torch.empty(logprobs.shape, dtype=logprobs.dtype, pin_memory=True)
+            host_lps.copy_(logprobs, non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record()
+        return _InFlight(sched, sampled, tokens, host_tokens, host_lps, ready)
+
+    def _defer(self, step: _InFlight) -> bool:
+        """Give every row of `step` that will go on a placeholder token, so the scheduler runs
+        it again before its token is on the host. Caller holds the lock."""
+        for i, seq in enumerate(step.seqs):
+            # A row whose next token reaches max_tokens finishes whatever it is: no extra step.
+            if seq.status is SequenceStatus.RUNNING and seq.num_output_tokens + 1 < seq.max_tokens:
+                seq.token_ids.append(_PLACEHOLDER)
+                seq.data.pending_row = i
+        return bool(step.seqs)
+
+    def _complete(self, step: _InFlight) -> list[tuple]:
+        """Wait for a launched step's tokens; append them, check stops, build the outputs."""
+        try:
+            tokens, logprobs = step.results()
+        except Exception as e:
+            log.exception("engine step failed")
+            return self._fail_step(step.sched, e)
         outputs: list[tuple] = []
         with self._lock:
-            self._num_steps += 1
-            self.scheduler.on_step_done(sched)
-            for i, seq in enumerate(sampled):
-                if seq.status is not SequenceStatus.RUNNING:
-                    continue  # aborted while the step ran
+            for i, seq in enumerate(step.seqs):
+                if seq.status.is_finished:
+                    continue  # aborted (or failed) while the step ran
                 outputs += self._append(seq, tokens[i], None if logprobs is None else logprobs[i])
         return outputs
 
-    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[float] | None]:
+    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> SampleOutput:
         cached = self._sampling_cache
         if cached is not None and len(cached[0]) == len(seqs) and all(a is b for a, b in zip(cached[0], seqs)):
             st = cached[1]  # steady decode: same rows as last step, skip ~20 host->device copies
         else:
             st = SamplingTensors.build([s.data.params for s in seqs], self.device)
             self._sampling_cache = (list(seqs), st)
-        steps = [s.num_output_tokens for s in seqs]
+        steps = None
+        if st.needs_steps:  # counts include placeholders: the tokens generated so far
+            steps_host = torch.tensor([s.num_output_tokens for s in seqs], dtype=torch.int64)
+            steps = (steps_host.pin_memory().to(self.device, non_blocking=True)
+                     if self.device.type == "cuda" else steps_host)
         history = dict(prompt_ids=[s.prompt_token_ids for s in seqs],
                        output_ids=[s.output_token_ids for s in seqs]) if st.needs_history else {}
-        res = sample(logits, st, steps=steps, **history)
-        return res.token_ids.tolist(), (res.logprobs.tolist() if res.logprobs is not None else None)
+        return sample(logits, st, steps=steps, **history)
 
     def _append(self, seq: Sequence, tok: int, log_prob: float | None) -> list[tuple]:
-        """Append one sampled token; finish or stream it. Caller holds the lock."""
+        """Append one sampled token (or fill its placeholder); finish or stream it. Caller
+        holds the lock."""
         st: _RequestState = seq.data
-        seq.append_token(tok)
+        token_ids = seq.token_ids
+        if st.pending_row >= 0:
+            token_ids[-1] = tok
+            st.pending_row = -1
+        else:
+            token_ids.append(tok)
         self._num_generated += 1
         if st.want_log_probs:
             st.log_probs.append(float(log_prob) if log_prob is not None else 0.0)
@@ -384,33 +503,34 @@ class LLMEngine:
                 st.siblings = []
         reason = None
         num_held = 0
+        num_prompt = seq.num_prompt_tokens
         if tok == st.end_id:
             reason = "stop"
         elif st.matcher is not None:
             check = st.matcher.push(tok)
             if check.matched:
-                del seq.token_ids[len(seq.token_ids) - check.num_stop_tokens:]
+                del token_ids[len(token_ids) - check.num_stop_tokens:]
                 if st.want_log_probs:
-                    del st.log_probs[seq.num_output_tokens:]
+                    del st.log_probs[len(token_ids) - num_prompt:]
                 reason = "stop"
             num_held = check.num_held
-        if reason is None and seq.num_output_tokens >= seq.max_tokens:
+        num_out = len(token_ids) - num_prompt
+        if reason is None and num_out >= seq.max_tokens:
             reason = "length"
         if reason is not None:
             self._finish(seq, SequenceStatus.FINISHED_STOPPED if reason == "stop"
                          else SequenceStatus.FINISHED_LENGTH_CAPPED)
             outputs.append(self._final_output(seq, reason))
             return outputs
-        ready = seq.num_output_tokens - num_held
+        ready = num_out - num_held
         if ready > st.num_emitted:
-            new = seq.output_token_ids[st.num_emitted:ready]
+            new = token_ids[num_prompt + st.num_emitted:num_prompt + ready]
             lps = st.log_probs[st.num_emitted:ready] if st.want_log_probs else None
             st.num_emitted = ready
             outputs.append((st.on_output, RequestOutput(
-                request_id=st.request_id, sequence_index=st.sequence_index, new_token_ids=new,
-                new_log_probs=lps, cum_log_prob=sum(st.log_probs[:ready]) if st.want_log_probs else None,
-                finished=False, finish_reason=None, num_prompt_tokens=seq.num_prompt_tokens,
-                num_output_tokens=ready)))
+                st.request_id, st.sequence_index, new, lps,
+                sum(st.log_probs[:ready]) if st.want_log_probs else None,
+                False, None, num_prompt, ready)))
         return outputs
 
     def _finish(self, seq: Sequence, status: SequenceStatus) -> None:
@@ -513,6 +633,13 @@ class _BeamGroup:
                 float(cum[0, i]) if cum is not None else None, True,
                 "stop" if toks and toks[-1] == self.end_id else "length", self.num_prompt_tokens, n)))
         return outs
+
+
+def _needs_history(p: SamplingParams) -> bool:
+    """Whether sampling this row reads its prompt / output tokens on the host (`sample`'s
+    TokenHistory): then the engine cannot sample it before the previous token is known."""
+    return (p.repetition_penalty != 1.0 or p.presence_penalty != 0 or p.frequency_penalty != 0
+            or p.no_repeat_ngram_size > 0 or any(len(w) > 1 for w in p.bad_words))
 
 
 def _try_load_tokenizer(model_dir: str):

@@ -15,21 +15,28 @@ from .kv_cache import BlockCopy
 class StepRow:
     """Compute `token_ids` at positions `start_pos ...` of one sequence whose KV lives in
     `block_table`; return logits of its last token (`needs_logits`) or of every token
-    (`all_logits`, for context logits)."""
+    (`all_logits`, for context logits).
+
+    `feed_index >= 0`: the row's last token is still on the device, sampled by the previous
+    step (asynchronous scheduling): it is taken from `feed_tokens[feed_index]` of
+    `build_step_inputs`, and the host value in `token_ids` is ignored."""
 
     token_ids: list[int]
     start_pos: int
     block_table: list[int]
     needs_logits: bool = True
     all_logits: bool = False
+    feed_index: int = -1
 
 
-def build_step_inputs(rows: Sequence[StepRow], block_size: int, device: torch.device | str) -> dict:
+def build_step_inputs(rows: Sequence[StepRow], block_size: int, device: torch.device | str,
+                      feed_tokens: torch.Tensor | None = None) -> dict:
     """Host lists -> the named tensors `Session.run` takes.
 
     On CUDA the int64 fields and the int32 fields each travel in one pinned host buffer (two
     asynchronous host->device copies per step, the tensors are views of them); elsewhere one
-    tensor per field."""
+    tensor per field. `feed_tokens` (N,) int64 on `device`: the previous step's sampled tokens,
+    copied device-side into the input slots of rows with `feed_index >= 0` (no host sync)."""
     input_ids: list[int] = []
     positions: list[int] = []
     slots: list[int] = []
@@ -38,10 +45,15 @@ def build_step_inputs(rows: Sequence[StepRow], block_size: int, device: torch.de
     logits_indices: list[int] = []
     width = max(len(r.block_table) for r in rows)
     tables: list[int] = []  # (B * width) row-major, padded with block 0
+    feed_dst: list[int] = []  # input slot <- feed_tokens[feed_src]
+    feed_src: list[int] = []
     for r in rows:
         n = len(r.token_ids)
         first = len(input_ids)
         input_ids += r.token_ids
+        if r.feed_index >= 0:
+            feed_dst.append(first + n - 1)
+            feed_src.append(r.feed_index)
         table = r.block_table
         if n == 1:  # decode row: skip the range/comprehension machinery
             p = r.start_pos
@@ -61,10 +73,13 @@ def build_step_inputs(rows: Sequence[StepRow], block_size: int, device: torch.de
         elif r.needs_logits:
             logits_indices.append(first + n - 1)
 
-    T, B, N = len(input_ids), len(rows), len(logits_indices)
+    T, B, N, F = len(input_ids), len(rows), len(logits_indices), len(feed_dst)
+    if F and feed_tokens is None:
+        raise ValueError(f"{F} rows have feed_index >= 0 but feed_tokens is None")
     device = torch.device(device)
     if device.type == "cuda":
-        host64 = torch.tensor(input_ids + positions + slots + logits_indices, dtype=torch.int64).pin_memory()
+        host64 = torch.tensor(input_ids + positions + slots + logits_indices + feed_dst + feed_src,
+                              dtype=torch.int64).pin_memory()
         host32 = torch.tensor(query_lens + seq_lens + tables, dtype=torch.int32).pin_memory()
         dev64 = host64.to(device, non_blocking=True)
         dev32 = host32.to(device, non_blocking=True)
@@ -73,6 +88,10 @@ def build_step_inputs(rows: Sequence[StepRow], block_size: int, device: torch.de
             "logits_indices": dev64[3 * T:3 * T + N], "query_lengths": dev32[:B],
             "sequence_lengths": dev32[B:2 * B], "kv_cache_block_offsets": dev32[2 * B:].view(B, width),
         }
+        if F:
+            end = 3 * T + N
+            dst, src = dev64[end:end + F], dev64[end + F:end + 2 * F]
+            fields["input_ids"].index_copy_(0, dst, feed_tokens.index_select(0, src))  # (F,)
     else:
         fields = {
             "input_ids": torch.tensor(input_ids, dtype=torch.int64, device=device),
@@ -83,6 +102,10 @@ def build_step_inputs(rows: Sequence[StepRow], block_size: int, device: torch.de
             "slot_mapping": torch.tensor(slots, dtype=torch.int64, device=device),
             "logits_indices": torch.tensor(logits_indices, dtype=torch.int64, device=device),
         }
+        if F:
+            dst = torch.tensor(feed_dst, dtype=torch.int64, device=device)
+            src = torch.tensor(feed_src, dtype=torch.int64, device=device)
+            fields["input_ids"].index_copy_(0, dst, feed_tokens.to(device).index_select(0, src))  # (F,)
     fields["host_max_query_length"] = max(query_lens)
     fields["host_max_sequence_length"] = max(seq_lens)
     return fields
