@@ -127,6 +127,11 @@ class DecodeGraphRunner:
     def captured_batch_sizes(self) -> tuple[int, ...]:
         return tuple(sorted(self._graphs))
 
+    @property
+    def graph_pool(self) -> object:
+        """The CUDA graph memory pool of these graphs (None off-GPU), for a runner to share."""
+        return self._pool
+
     def can_run(self, num_rows: int, max_context_len: int, table_width: int) -> bool:
         return (num_rows <= self.buckets[-1] and max_context_len <= self.max_seq_len
                 and table_width <= self.max_blocks_per_seq)

@@ -13,9 +13,10 @@ Inputs of `run` (names as TRT-LLM's, tokens flattened across B sequences, T toke
 Output: logits (N, vocab) float32.
 
 CUDA graphs: after `enable_cuda_graphs(kv_cache, ...)`, a decode-only step (one token per
-sequence) over that pool replays a captured graph (runtime_lib/cuda_graph.py) instead of
-running eagerly; prefill and mixed steps stay eager. The replayed logits are a view of the
-graph's static output, valid until the next `run` over the same pool.
+sequence) over that pool replays a captured graph (runtime_lib/cuda_graph.py), and a prefill
+or mixed step of up to `prefill_graph_max_tokens` tokens replays a token-bucket graph
+(runtime_lib/prefill_graph.py); larger steps run eagerly. The replayed logits are a view of
+the graph's static output, valid until the next `run` over the same pool.
 """
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ from torch import nn
 from .config import ModelConfig
 from .layers.attention import AttentionMetadata
 from .models import allocate_kv_cache, build_model, is_engine_dir, load_model
+from .prefill_graph import DEFAULT_MAX_PREFILL_GRAPH_TOKENS, PrefillGraphRunner
 
 SERIALIZED_MAGIC = b"RTLLMENG"
 SERIALIZED_FORMAT_VERSION = 1
@@ -88,8 +90,13 @@ class Session:
         self._build_config = dict(build_config or {})
         # Runners are owned by whoever owns their KV pool (engine, GenerationSession); the
         # Session only looks them up, so a dropped owner frees its graphs and pool.
-        self._graph_runners: weakref.WeakSet = weakref.WeakSet()
+        # Each decode runner maps to the prefill/mixed-step runner over the same pool (or None).
+        self._graph_runners: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self.compile_decode_graphs = False  # torch.compile the captured decode step (Llama family)
+        # Prefill / mixed steps up to this many tokens replay token-bucket graphs (0: eager).
+        self.prefill_graph_max_tokens = DEFAULT_MAX_PREFILL_GRAPH_TOKENS
+        # torch.compile the captured prefill step too; None: whenever the decode step is.
+        self.compile_prefill_graphs: bool | None = None
 
     # --- construction -----------------------------------------------------------------------
     @classmethod
@@ -179,7 +186,10 @@ class Session:
         `scratch_block`: a block of the pool no sequence owns (allocate one extra). Returns the
         `DecodeGraphRunner`, which the caller must keep alive for as long as graphs should be
         used (the Session holds it weakly), or None when graphs do not apply: not on CUDA, a
-        model whose step cannot be captured, or RUNTIME_LIB_CUDA_GRAPHS=0."""
+        model whose step cannot be captured, or RUNTIME_LIB_CUDA_GRAPHS=0. Prefill and mixed
+        steps of up to `prefill_graph_max_tokens` tokens get a `PrefillGraphRunner` beside it
+        (`max_batch_size` sequences per step; RUNTIME_LIB_PREFILL_GRAPHS=0 turns it off), alive
+        as long as the decode runner is."""
         from .cuda_graph import (
             DecodeGraphRunner,
             cuda_graphs_disabled_by_env,
@@ -187,6 +197,7 @@ class Session:
             make_compiled_decode_forward,
             supports_compiled_decode,
         )
+        from .prefill_graph import PrefillGraphRunner, make_compiled_prefill_forward, prefill_graphs_disabled_by_env
 
         model = self.model
         if (kv_cache.device.type != "cuda" or self.device.type != "cuda" or model is None
@@ -199,27 +210,50 @@ class Session:
             forward = make_compiled_decode_forward(model)
         runner = DecodeGraphRunner(forward, kv_cache, max_batch_size=max_batch_size, max_seq_len=max_seq_len,
                                    scratch_block=scratch_block)
-        self._graph_runners.add(runner)
+        prefill = None
+        if self.prefill_graph_max_tokens > 0 and not prefill_graphs_disabled_by_env():
+            compile_prefill = compile if self.compile_prefill_graphs is None else self.compile_prefill_graphs
+            prefill_forward = self._backend.forward
+            if compile_prefill and supports_compiled_decode(model):
+                prefill_forward = make_compiled_prefill_forward(model)
+            # One memory pool for both: graphs replay one at a time on one stream.
+            prefill = PrefillGraphRunner(prefill_forward, kv_cache, max_num_seqs=max_batch_size,
+                                         max_seq_len=max_seq_len, scratch_block=scratch_block,
+                                         max_num_tokens=self.prefill_graph_max_tokens, pool=runner.graph_pool)
+        self._graph_runners[runner] = prefill
         return runner
+
+    def prefill_graph_runner(self, kv_cache: torch.Tensor):
+        """The `PrefillGraphRunner` replaying prefill / mixed steps over `kv_cache`, or None."""
+        for runner, prefill in list(self._graph_runners.items()):
+            if runner.kv_cache is kv_cache:
+                return prefill
+        return None
 
     def disable_cuda_graphs(self, kv_cache: torch.Tensor | None = None) -> None:
         """Stop replaying graphs over `kv_cache` (every pool when None)."""
         for runner in list(self._graph_runners):
             if kv_cache is None or runner.kv_cache is kv_cache:
-                self._graph_runners.discard(runner)
+                self._graph_runners.pop(runner, None)
 
     def _graph_runner_for(self, inputs: dict[str, torch.Tensor | int]):
-        """The runner that can replay this step, or None (host-side checks only, no sync)."""
-        if not self._graph_runners or int(inputs["host_max_query_length"]) != 1:
-            return None
-        num_rows = inputs["query_lengths"].shape[0]
-        if inputs["input_ids"].shape[0] != num_rows:
+        """The runner that can replay this step, or None (host-side checks only, no sync):
+        the decode runner for a decode-only step, else the prefill/mixed-step runner."""
+        if not self._graph_runners:
             return None
         kv_cache = inputs["kv_cache"]
-        for runner in self._graph_runners:
-            if runner.kv_cache is kv_cache and runner.can_run(
-                    num_rows, int(inputs["host_max_sequence_length"]), inputs["kv_cache_block_offsets"].shape[1]):
+        num_rows, num_tokens = inputs["query_lengths"].shape[0], inputs["input_ids"].shape[0]
+        max_context_len = int(inputs["host_max_sequence_length"])
+        width = inputs["kv_cache_block_offsets"].shape[1]
+        is_decode = int(inputs["host_max_query_length"]) == 1 and num_tokens == num_rows
+        for runner, prefill in list(self._graph_runners.items()):
+            if runner.kv_cache is not kv_cache:
+                continue
+            if is_decode and runner.can_run(num_rows, max_context_len, width):
                 return runner
+            if prefill is not None and prefill.can_run(num_tokens, num_rows, max_context_len, width,
+                                                       inputs["logits_indices"].shape[0]):
+                return prefill
         return None
 
     # --- execution --------------------------------------------------------------------------
@@ -251,9 +285,14 @@ class Session:
                 slot_mapping = inputs.get("slot_mapping")
                 if slot_mapping is None:
                     slot_mapping = self._metadata(inputs).slot_mapping
-                logits = runner.run(inputs["input_ids"], inputs["position_ids"], slot_mapping,
-                                    inputs["sequence_lengths"].to(torch.int32),
-                                    inputs["kv_cache_block_offsets"].to(torch.int32), inputs["logits_indices"])
+                if isinstance(runner, PrefillGraphRunner):
+                    logits = runner.run(inputs["input_ids"], inputs["position_ids"], slot_mapping,
+                                        inputs["query_lengths"], inputs["sequence_lengths"],
+                                        inputs["kv_cache_block_offsets"], inputs["logits_indices"])
+                else:
+                    logits = runner.run(inputs["input_ids"], inputs["position_ids"], slot_mapping,
+                                        inputs["sequence_lengths"].to(torch.int32),
+                                        inputs["kv_cache_block_offsets"].to(torch.int32), inputs["logits_indices"])
             else:
                 meta = self._metadata(inputs)
                 logits = self._backend.forward(inputs["input_ids"], inputs["position_ids"], inputs["kv_cache"],
