@@ -19,6 +19,8 @@ map, so both run identical weights. Sections, per model:
   offline      output tok/s for ISL/OSL 128/128 at several batch sizes through ModelRunner.generate
                and LLMEngine (all requests at once), vs HF generate at its batch (--long: 1000/1000).
   latency      TTFT / ITL percentiles at 1, 8, 32, 128 concurrent streams through LLMEngine.
+  prefill      prefill / mixed steps eager vs token-bucket CUDA graphs (vs compiled): TTFT of one
+               request per prompt length, TTFT / ITL at --concurrency, staggered arrivals.
 Prints a table; JSON + Markdown + a throughput-vs-concurrency PNG go to $OUT when set, else
 bench/results/. Without CUDA it says so and exits 0.
 """
@@ -438,16 +440,20 @@ def make_engine(session: Session, max_num_seqs: int, tokens_per_seq: int, compil
                                   compile_decode=compile_), session=session)
 
 
-def run_engine(session: Session, prompts: list[torch.Tensor], osl: int, engine: LLMEngine) -> dict:
-    """Submit every prompt at once; per request the submit time and (time, n tokens) arrivals."""
+def run_engine(session: Session, prompts: list[torch.Tensor], osl: int, engine: LLMEngine,
+               gap_s: float = 0.0, tokens: list[list[int]] | None = None) -> dict:
+    """Submit every prompt at once (or one every `gap_s` seconds); per request the submit time
+    and (time, n tokens) arrivals. `tokens`: filled with each request's output token ids."""
     arrivals: dict[str, list[tuple[float, int]]] = {}
     submit: dict[str, float] = {}
     done = threading.Event()
     remaining = [len(prompts)]
     lock = threading.Lock()
+    out_ids: dict[str, list[int]] = {}
 
     def on_output(o) -> None:
         arrivals[o.request_id].append((time.perf_counter(), len(o.new_token_ids)))
+        out_ids[o.request_id] += o.new_token_ids
         if o.finished:
             with lock:
                 remaining[0] -= 1
@@ -458,10 +464,14 @@ def run_engine(session: Session, prompts: list[torch.Tensor], osl: int, engine: 
     t0 = time.perf_counter()
     for i, p in enumerate(prompts):
         rid = f"r{i}-{t0}"
-        arrivals[rid] = []
+        arrivals[rid], out_ids[rid] = [], []
+        if gap_s and i:
+            time.sleep(gap_s)
         submit[rid] = time.perf_counter()
         engine.add_request(rid, p.tolist(), scfg, on_output=on_output)
     done.wait()
+    if tokens is not None:
+        tokens += [out_ids[f"r{i}-{t0}"] for i in range(len(prompts))]
     t_end = max(t for a in arrivals.values() for t, _ in a)
     n_out = sum(k for a in arrivals.values() for _, k in a)
     ttft = [(a[0][0] - submit[r]) * 1e3 for r, a in arrivals.items() if a]
@@ -555,8 +565,88 @@ def section_latency(name: str, hf, session: Session, mc: ModelConfig, res: dict,
     free_cuda()
 
 
+PREFILL_MODES = {  # mode -> (Session.prefill_graph_max_tokens, Session.compile_prefill_graphs)
+    "eager": (0, False),        # prefill / mixed steps run eagerly (the decode step still replays graphs)
+    "graphs": (2048, False),    # token-bucket CUDA graphs of the eager forward
+    "compiled": (2048, True),   # token-bucket CUDA graphs of the torch.compile'd forward
+}
+
+
+def section_prefill(name: str, hf, session: Session, mc: ModelConfig, res: dict, args) -> None:
+    """Prefill and mixed steps eager vs. replayed from token-bucket CUDA graphs (runtime_lib/
+    prefill_graph.py), one engine per mode, same settings and prompts: TTFT of one request at
+    several prompt lengths (fresh prompts: no prefix-cache hits), TTFT / ITL at the --concurrency
+    levels (ISL/OSL 128/128, all at once), 8 streams arriving 15 ms apart (mixed steps), and
+    greedy-token agreement with the first mode."""
+    out: dict[str, Any] = {"compiled_decode": bool(args.compile)}
+    res["prefill_graphs"] = out
+    saved = session.prefill_graph_max_tokens, session.compile_prefill_graphs
+    first_tokens: list[list[int]] | None = None
+    try:
+        for mode in args.prefill_modes:
+            session.prefill_graph_max_tokens, session.compile_prefill_graphs = PREFILL_MODES[mode]
+            m: dict[str, Any] = {"ttft_single_ms": {}}
+            out[mode] = m
+            engine = make_engine(session, max(args.concurrency), 2048 + 128, args.compile)
+            try:
+                t0 = time.perf_counter()
+                seed = 7000
+                for isl in args.prefill_lens:  # warm-up: captures (and compiles) the buckets
+                    seed += 1
+                    run_engine(session, random_prompts(1, isl, mc.vocab_size, seed=seed), 3, engine)
+                m["warmup_s"] = time.perf_counter() - t0
+                for isl in args.prefill_lens:
+                    ttfts = []
+                    for _ in range(5):
+                        seed += 1
+                        st = run_engine(session, random_prompts(1, isl, mc.vocab_size, seed=seed), 2, engine)
+                        ttfts.append(st["ttft_ms"][50])
+                    m["ttft_single_ms"][str(isl)] = statistics.median(ttfts)
+                    log(f"{name} prefill[{mode}] 1 request ISL {isl}: TTFT median {statistics.median(ttfts):.2f} ms "
+                        f"(min {min(ttfts):.2f})")
+                for c in args.concurrency:
+                    run_engine(session, random_prompts(c, 128, mc.vocab_size, seed=2004 + c), 3, engine)  # warm-up
+                    toks: list[list[int]] = []
+                    st = run_engine(session, random_prompts(c, 128, mc.vocab_size, seed=4 + c), 128, engine,
+                                    tokens=toks)
+                    m[str(c)] = st
+                    if c == max(args.concurrency):
+                        m["tokens"] = toks
+                    log(f"{name} prefill[{mode}] c={c}: TTFT p50 {st['ttft_ms'][50]:.1f} ms p99 "
+                        f"{st['ttft_ms'][99]:.1f}; ITL p50 {st['itl_ms'][50]:.2f} p90 {st['itl_ms'][90]:.2f} "
+                        f"p99 {st['itl_ms'][99]:.2f} ms; {st['tok_s']:,.0f} tok/s")
+                run_engine(session, random_prompts(8, 128, mc.vocab_size, seed=3000), 3, engine, gap_s=0.015)
+                st = run_engine(session, random_prompts(8, 128, mc.vocab_size, seed=3001), 128, engine, gap_s=0.015)
+                m["staggered_8"] = st
+                log(f"{name} prefill[{mode}] 8 streams 15 ms apart: TTFT p50 {st['ttft_ms'][50]:.1f} p99 "
+                    f"{st['ttft_ms'][99]:.1f} ms; ITL p50 {st['itl_ms'][50]:.2f} p90 {st['itl_ms'][90]:.2f} "
+                    f"p99 {st['itl_ms'][99]:.2f} ms")
+                prefill = session.prefill_graph_runner(engine.kv_cache)
+                m["prefill_replays"] = prefill.num_replays if prefill is not None else 0
+                m["captured_buckets"] = list(prefill.captured_buckets) if prefill is not None else []
+                toks = m.pop("tokens", None)
+                if toks is not None:
+                    if first_tokens is None:
+                        first_tokens = toks
+                    else:
+                        same = sum(a == b for a, b in zip(toks, first_tokens))
+                        prefix = [next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a))
+                                  for a, b in zip(toks, first_tokens)]
+                        m["greedy_vs_first_mode"] = {"rows_identical": same, "rows": len(toks),
+                                                     "mean_matching_prefix": statistics.mean(prefix)}
+                log(f"{name} prefill[{mode}]: {m['prefill_replays']} prefill replays, buckets "
+                    f"{m['captured_buckets']}, warm-up {m['warmup_s']:.1f} s, "
+                    f"greedy vs first mode {m.get('greedy_vs_first_mode')}")
+            finally:
+                engine.shutdown()
+            engine = None
+            free_cuda()
+    finally:
+        session.prefill_graph_max_tokens, session.compile_prefill_graphs = saved
+
+
 SECTIONS = {"bs1": section_bs1, "correctness": section_correctness, "offline": section_offline,
-            "latency": section_latency}
+            "latency": section_latency, "prefill": section_prefill}
 
 
 # ----------------------------------------------------------------------------- report
@@ -626,6 +716,29 @@ def markdown(report: dict) -> str:
                              f"{s['itl_ms'][50]:.2f} / {s['itl_ms'][90]:.2f} / {s['itl_ms'][99]:.2f} | "
                              f"{s['tok_s']:,.0f} |")
             lines.append("")
+        if "prefill_graphs" in res:
+            pg = res["prefill_graphs"]
+            modes = [k for k in pg if isinstance(pg[k], dict)]
+            lines += [f"### prefill / mixed steps: eager vs token-bucket CUDA graphs (LLMEngine"
+                      f"{', compiled decode step' if pg.get('compiled_decode') else ''})", "",
+                      "| measurement | " + " | ".join(modes) + " |", "|---|" + "---|" * len(modes)]
+            nan = float("nan")
+            lens = sorted({k for mode in modes for k in pg[mode].get("ttft_single_ms", {})}, key=int)
+            for isl in lens:
+                lines.append(f"| TTFT ms, 1 request, ISL {isl} | " + " | ".join(
+                    f"{pg[mode]['ttft_single_ms'].get(isl, nan):.2f}" for mode in modes) + " |")
+            keys = [k for k in pg[modes[0]] if k.isdigit()] + ["staggered_8"] if modes else []
+            for k in keys:
+                label = f"{k} streams" if k.isdigit() else "8 streams 15 ms apart"
+                for what, q in (("TTFT", 50), ("TTFT", 99), ("ITL", 50), ("ITL", 99)):
+                    field = "ttft_ms" if what == "TTFT" else "itl_ms"
+                    lines.append(f"| {what} p{q} ms, {label} | " + " | ".join(
+                        f"{pg[mode].get(k, {}).get(field, {}).get(q, nan):.2f}" for mode in modes) + " |")
+            lines.append("| prefill graph replays / buckets | " + " | ".join(
+                f"{pg[mode].get('prefill_replays')} / {pg[mode].get('captured_buckets')}" for mode in modes) + " |")
+            lines.append("| greedy tokens vs first mode (rows identical) | " + " | ".join(
+                str(pg[mode].get("greedy_vs_first_mode", {}).get("rows_identical", "-")) for mode in modes) + " |")
+            lines.append("")
         if res.get("errors"):
             lines += ["### errors", ""] + [f"- {e}" for e in res["errors"]] + [""]
     return "\n".join(lines)
@@ -673,6 +786,9 @@ def main() -> int:
     ap.add_argument("--hf-tokens", type=int, default=32)
     ap.add_argument("--concurrency", default="1,8,32,128")
     ap.add_argument("--budget-s", type=float, default=540, help="skip sections that start after this")
+    ap.add_argument("--prefill-modes", default="eager,graphs,compiled",
+                    help=f"prefill section: modes to compare, of {list(PREFILL_MODES)}")
+    ap.add_argument("--prefill-lens", default="16,128,512,2000", help="prefill section: single-request ISLs")
     ap.add_argument("--device", default="cuda", help=argparse.SUPPRESS)
     args = ap.parse_args()
     global DEVICE
@@ -680,6 +796,8 @@ def main() -> int:
     args.batches = [int(x) for x in args.batches.split(",") if x]
     args.hf_batches = [int(x) for x in args.hf_batches.split(",") if x]
     args.concurrency = [int(x) for x in args.concurrency.split(",") if x]
+    args.prefill_modes = [x for x in args.prefill_modes.split(",") if x]
+    args.prefill_lens = [int(x) for x in args.prefill_lens.split(",") if x]
     if DEVICE == "cuda" and not torch.cuda.is_available():
         print("gpu_e2e: no CUDA device; nothing to measure (run this on a GPU machine)")
         return 0

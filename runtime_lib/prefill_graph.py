@@ -40,15 +40,17 @@ from torch import nn
 from .cuda_graph import DecodeForward, choose_bucket, supports_compiled_decode
 from .layers.attention import AttentionMetadata, paged_attention, write_kv
 
-PREFILL_TOKEN_BUCKETS = (16, 32, 64, 128, 256, 512, 768, 1024, 1536, 2048)
+PREFILL_TOKEN_BUCKETS = (16, 32, 64, 128, 192, 256, 320, 384, 512, 640, 768, 1024, 1280, 1536, 2048)
 DEFAULT_MAX_PREFILL_GRAPH_TOKENS = 2048
 DISABLE_ENV = "RUNTIME_LIB_PREFILL_GRAPHS"  # "0" turns prefill/mixed graphs off (decode graphs stay)
 
 
 def prefill_token_buckets(max_num_tokens: int) -> tuple[int, ...]:
     """Token buckets up to `max_num_tokens`: PREFILL_TOKEN_BUCKETS below it, then the limit
-    itself. Steps are padded up to their bucket, so buckets grow in smaller steps past 512
-    tokens, where the step is compute-bound and padding costs real GPU time."""
+    itself. Steps are padded up to their bucket: below ~128 tokens an 8B step is bound by
+    reading the weights and padding is nearly free; past that padding costs GPU time, so
+    buckets grow by at most a half (a mixed step of one 128-token prompt + a few decode
+    tokens lands in 192, not 256)."""
     if max_num_tokens < 1:
         raise ValueError(f"max_num_tokens must be >= 1, got {max_num_tokens}")
     return tuple([b for b in PREFILL_TOKEN_BUCKETS if b < max_num_tokens] + [max_num_tokens])
