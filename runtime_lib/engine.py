@@ -364,9 +364,13 @@ class LLMEngine:
                     self._active.clear()
                     break
                 sched = self.scheduler.schedule()
-                # Sampling that reads the token history needs the previous tokens on the host.
-                sync_first = prev is not None and not sched.is_empty and any(
-                    s.needs_logits and s.seq.data.needs_history for s in sched.scheduled)
+                # Take the previous tokens first when sampling reads the host token history, or
+                # when this step runs eagerly (a prefill chunk in it): its launch is long host
+                # work that would delay the previous step's outputs (TTFT), and the GPU starts
+                # on its first kernels anyway.
+                sync_first = prev is not None and not sched.is_empty and (
+                    sched.num_batched_tokens > len(sched.scheduled) or any(
+                        s.needs_logits and s.seq.data.needs_history for s in sched.scheduled))
             outputs = []
             had_prev = prev is not None
             if sync_first:
