@@ -60,9 +60,10 @@ class EngineConfig:
     max_queue_size: int = 1024
     max_seq_len: int | None = None            # None: the model's limit
     scheduling_policy: str = "fcfs"           # "fcfs" | "priority"
-    cuda_graphs: bool = True                  # replay decode-only steps from CUDA graphs (GPU only)
-    compile_decode: bool = False              # torch.compile the captured decode step (Llama family;
-                                              # ~15-60 s of compilation on first use, fewer kernels)
+    cuda_graphs: bool = True                  # replay decode and small prefill/mixed steps from CUDA graphs (GPU)
+    compile_decode: bool = False              # torch.compile the captured decode and prefill forwards
+                                              # (Llama family; ~30-90 s of compilation, fewer kernels)
+    capture_graphs_at_start: bool = True      # capture every graph bucket in __init__, not on first use
     async_scheduling: bool = True             # prepare step t+1 while step t runs (see module doc)
 
     def __post_init__(self) -> None:
@@ -190,6 +191,12 @@ class LLMEngine:
         self._graph_runner = self.session.enable_cuda_graphs(
             self.kv_cache, max_batch_size=config.max_num_seqs, max_seq_len=self.max_seq_len,
             scratch_block=num_blocks, compile=config.compile_decode) if config.cuda_graphs else None
+        if self._graph_runner is not None and config.capture_graphs_at_start:
+            # Pay graph captures (and compilation) now, not in the first requests' latency.
+            self._graph_runner.capture()
+            prefill_runner = self.session.prefill_graph_runner(self.kv_cache)
+            if prefill_runner is not None:
+                prefill_runner.capture()
         # SamplingTensors of the last sampled batch, reused while its sequences are unchanged.
         self._sampling_cache: tuple[list[Sequence], SamplingTensors] | None = None
         self.scheduler = Scheduler(
