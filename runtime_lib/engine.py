@@ -26,6 +26,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -94,6 +95,7 @@ class RequestOutput:
     num_prompt_tokens: int
     num_output_tokens: int
     error: str | None = None
+    text: str | None = None         # new text, when the request asked the engine to detokenize
 
 
 @dataclass(frozen=True)
@@ -133,6 +135,7 @@ class _RequestState:
     # >= 0: token_ids[-1] is a placeholder for the token sampled in row `pending_row` of the
     # step in flight (its device tokens feed the next step; the host value comes one step late).
     pending_row: int = -1
+    detokenizer: Any = None                  # IncrementalDetokenizer when text deltas are wanted
 
 
 @dataclass(slots=True)
@@ -218,18 +221,23 @@ class LLMEngine:
     # ------------------------------------------------------------------ API
     def add_request(self, request_id: str, prompt_ids: list[int], sampling: SamplingConfig, *,
                     on_output: Callable[[RequestOutput], None] | None = None,
-                    priority: int = 0) -> RequestStream | None:
+                    priority: int = 0, detokenize: bool = False) -> RequestStream | None:
         """Queue a request. Raises ValueError (bad input, naming the field) or EngineBusyError.
         Outputs go to `on_output` (called on the engine thread: only enqueue there), or, without
-        it, to the returned `RequestStream`."""
+        it, to the returned `RequestStream`. `detokenize=True` adds each output's text delta
+        (`RequestOutput.text`; the deltas concatenate to the decoded output) using the
+        tokenizer found in the model directory; servers that detokenize elsewhere leave it off."""
         prompt = self._check_prompt(prompt_ids, sampling)
+        if detokenize and self.tokenizer is None:
+            raise ValueError("detokenize=True needs tokenizer files in the model directory; none were found")
         n = 1 if sampling.num_beams > 1 else (sampling.num_return_sequences or 1)
         stream = None
         if on_output is None:
             stream = RequestStream(n if sampling.num_beams == 1 else (sampling.num_return_sequences or 1))
             on_output = stream.put
         if sampling.num_beams > 1:
-            self._add_beam_request(request_id, prompt, sampling, on_output)
+            self._add_beam_request(request_id, prompt, sampling, on_output,
+                                   self.tokenizer if detokenize else None)
             return stream
         params = SamplingParams.list_from_config(sampling, 1)[0]
         base_seed = params.seed if params.seed is not None else random_seed()
@@ -243,7 +251,8 @@ class LLMEngine:
                 end_id=-1 if sampling.ignore_eos else sampling.end_id,
                 matcher=StopWordsMatcher(p.stop_words) if p.stop_words else None,
                 want_log_probs=bool(sampling.output_log_probs or sampling.output_cum_log_probs),
-                needs_history=_needs_history(p))
+                needs_history=_needs_history(p),
+                detokenizer=self.tokenizer.incremental() if detokenize else None)
             seqs.append(seq)
         seqs[0].data.siblings = seqs[1:]
         with self._lock:
@@ -340,11 +349,12 @@ class LLMEngine:
         st.num_emitted += len(new)
         lps = st.log_probs[len(st.log_probs) - len(new):] if st.want_log_probs and new else (
             [] if st.want_log_probs else None)
+        text = st.detokenizer.add(new) + st.detokenizer.finish() if st.detokenizer is not None else None
         return st.on_output, RequestOutput(
             request_id=st.request_id, sequence_index=st.sequence_index, new_token_ids=new,
             new_log_probs=lps, cum_log_prob=sum(st.log_probs) if st.want_log_probs else None,
             finished=True, finish_reason=reason, num_prompt_tokens=seq.num_prompt_tokens,
-            num_output_tokens=seq.num_output_tokens, error=error)
+            num_output_tokens=seq.num_output_tokens, error=error, text=text)
 
     @staticmethod
     def _emit(outputs: list[tuple]) -> None:
@@ -541,7 +551,8 @@ class LLMEngine:
             outputs.append((st.on_output, RequestOutput(
                 st.request_id, st.sequence_index, new, lps,
                 sum(st.log_probs[:ready]) if st.want_log_probs else None,
-                False, None, num_prompt, ready)))
+                False, None, num_prompt, ready, None,
+                st.detokenizer.add(new) if st.detokenizer is not None else None)))
         return outputs
 
     def _finish(self, seq: Sequence, status: SequenceStatus) -> None:
@@ -565,7 +576,7 @@ class LLMEngine:
 
     # ------------------------------------------------------------ beam groups
     def _add_beam_request(self, request_id: str, prompt: list[int], sampling: SamplingConfig,
-                          on_output: Callable[[RequestOutput], None]) -> None:
+                          on_output: Callable[[RequestOutput], None], tokenizer: Any = None) -> None:
         from .generation import GenerationSession
 
         mc = self.model_config
@@ -581,7 +592,8 @@ class LLMEngine:
             if any(g.request_id == request_id for g in self._beam_groups):
                 raise ValueError(f"request_id {request_id!r} is already in flight")
             self._beam_groups.append(_BeamGroup(request_id, len(prompt), steps, on_output,
-                                                sampling.num_return_sequences or 1, sampling.end_id))
+                                                sampling.num_return_sequences or 1, sampling.end_id,
+                                                tokenizer))
             self._num_prompt_tokens += len(prompt)
             self._wake.notify()
 
@@ -623,6 +635,7 @@ class _BeamGroup:
     on_output: Callable[[RequestOutput], None]
     num_return: int
     end_id: int
+    tokenizer: Any = None                   # set when the request asked for text
     last: dict | None = None
     aborted: bool = False
 
@@ -642,7 +655,8 @@ class _BeamGroup:
             outs.append((self.on_output, RequestOutput(
                 self.request_id, i, toks, lps[0, i, :n].tolist() if lps is not None else None,
                 float(cum[0, i]) if cum is not None else None, True,
-                "stop" if toks and toks[-1] == self.end_id else "length", self.num_prompt_tokens, n)))
+                "stop" if toks and toks[-1] == self.end_id else "length", self.num_prompt_tokens, n,
+                None, self.tokenizer.decode(toks) if self.tokenizer is not None else None)))
         return outs
 
 

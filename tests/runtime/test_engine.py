@@ -233,3 +233,24 @@ def test_full_queue_says_busy(session, llama_dir):
         assert_no_leak(engine)
     finally:
         engine.shutdown()
+
+
+def test_detokenized_deltas_concatenate_to_the_decoded_output(session, llama_dir):
+    """With a tokenizer attached, each output carries its text delta; streamed deltas (stop-word
+    hold-back included) join to exactly the decoded tokens."""
+    from runtime_lib.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(llama_dir)
+    engine = make_engine(session, llama_dir)
+    try:
+        for i, prompt in enumerate(["Hello 東京 🙂", "Café naïve", "def hello(name):"]):
+            ids = tok.encode(prompt)
+            outs = list(engine.add_request(f"t{i}", ids, sampling(i, max_new_tokens=24), detokenize=True))
+            tokens = [t for o in outs for t in o.new_token_ids]
+            assert "".join(o.text for o in outs) == tok.decode(tokens)
+        beam = SamplingConfig(end_id=END, pad_id=PAD, max_new_tokens=6, num_beams=2)
+        (out,) = list(engine.add_request("beam", tok.encode("Once"), beam, detokenize=True))
+        assert out.text == tok.decode(out.new_token_ids)
+        assert_no_leak(engine)
+    finally:
+        engine.shutdown()
