@@ -22,7 +22,10 @@ from .mapping import Mapping
 from .model_step import StepRow, apply_block_copies, build_step_inputs
 from .sampling import SamplingParams, SamplingTensors, random_seed, sample
 from .sampling_ops import (
-    TokenHistory, apply_bad_words, apply_frequency_presence_penalty, apply_no_repeat_ngram,
+    TokenHistory,
+    apply_bad_words,
+    apply_frequency_presence_penalty,
+    apply_no_repeat_ngram,
     apply_repetition_penalty,
 )
 from .session import Session
@@ -193,10 +196,8 @@ class GenerationSession:
                                f"(an unfinished stream?): exhaust or close() that stream first")
 
     def decode_regular(self, prompts: list[list[int]], scfg: SamplingConfig, **kwargs):
-        result = None
-        for result in self._generate(prompts, scfg, **kwargs):
-            pass
-        return result
+        *_, final = self._generate(prompts, scfg, **kwargs)  # the last yield is the result
+        return final
 
     def decode_stream(self, prompts: list[list[int]], scfg: SamplingConfig, **kwargs) -> Iterator:
         yield from self._generate(prompts, scfg, stream=True, **kwargs)

@@ -45,7 +45,8 @@ class ModelRunner:
             raise NotImplementedError("LoRA adapters are not supported yet (lora_dir given)")
         if rank != 0:
             raise ValueError(f"rank must be 0 (tensor parallelism is not supported yet), got {rank}")
-        session = engine if isinstance(engine, Session) else Session.from_engine(engine, device=device or _default_device())
+        session = engine if isinstance(engine, Session) else Session.from_engine(
+            engine, device=device or _default_device())
         cfg = session.model_config
         if gather_context_logits is not None:
             cfg.gather_context_logits = bool(gather_context_logits)
