@@ -21,16 +21,17 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import queue
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from .beam_group import BeamGroup
 from .config import SamplingConfig
+from .engine_io import EngineBusyError, EngineConfig, EngineStats, RequestOutput, RequestStream
 from .kv_cache import BlocksManager
 from .model_step import StepRow, apply_block_copies, build_step_inputs
 from .sampling import SampleOutput, SamplingParams, SamplingTensors, random_seed, sample
@@ -39,80 +40,10 @@ from .sequence import Sequence, SequenceStatus
 from .session import Session
 from .stopping import StopWordsMatcher
 
+__all__ = ["EngineBusyError", "EngineConfig", "EngineStats", "LLMEngine", "RequestOutput", "RequestStream"]
+
 log = logging.getLogger(__name__)
 _MAX_SEED = 2**64 - 1
-
-
-class EngineBusyError(RuntimeError):
-    """The waiting queue is full: the server is busy, retry later."""
-
-
-@dataclass(frozen=True)
-class EngineConfig:
-    model_dir: str
-    device: str | None = None                 # None: cuda if available, else cpu
-    dtype: str | None = None                  # None: the checkpoint's dtype
-    max_num_seqs: int = 64                    # rows in one step
-    max_num_batched_tokens: int = 2048        # token budget of one step (chunked prefill)
-    block_size: int = 16
-    num_kv_blocks: int | None = None          # None: sized from kv_cache_memory_fraction
-    kv_cache_memory_fraction: float = 0.9     # of free GPU memory (CPU: of max_num_seqs x max_seq_len)
-    enable_prefix_caching: bool = True
-    max_queue_size: int = 1024
-    max_seq_len: int | None = None            # None: the model's limit
-    scheduling_policy: str = "fcfs"           # "fcfs" | "priority"
-    cuda_graphs: bool = True                  # replay decode and small prefill/mixed steps from CUDA graphs (GPU)
-    compile_decode: bool = False              # torch.compile the captured decode and prefill forwards
-                                              # (Llama family; ~30-90 s of compilation, fewer kernels)
-    capture_graphs_at_start: bool = True      # capture every graph bucket in __init__, not on first use
-    async_scheduling: bool = True             # prepare step t+1 while step t runs (see module doc)
-
-    def __post_init__(self) -> None:
-        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "max_queue_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
-            raise ValueError(f"num_kv_blocks must be >= 1 or None, got {self.num_kv_blocks}")
-        if not 0.0 < self.kv_cache_memory_fraction <= 1.0:
-            raise ValueError(f"kv_cache_memory_fraction must be in (0, 1], got {self.kv_cache_memory_fraction}")
-        if self.scheduling_policy not in ("fcfs", "priority"):
-            raise ValueError(f"scheduling_policy must be 'fcfs' or 'priority', got {self.scheduling_policy!r}")
-
-
-@dataclass(slots=True)
-class RequestOutput:
-    """New tokens of one request (one sequence of it when n > 1) since its last output.
-    Read-only by convention: not frozen, because a frozen dataclass costs ~1 us more to build
-    and the engine builds one per row per step."""
-
-    request_id: str
-    sequence_index: int
-    new_token_ids: list[int]
-    new_log_probs: list[float] | None
-    cum_log_prob: float | None
-    finished: bool
-    finish_reason: str | None       # "stop" | "length" | "abort" | "error"
-    num_prompt_tokens: int
-    num_output_tokens: int
-    error: str | None = None
-    text: str | None = None         # new text, when the request asked the engine to detokenize
-
-
-@dataclass(frozen=True)
-class EngineStats:
-    num_waiting: int
-    num_running: int
-    num_preempted_total: int
-    num_kv_blocks_total: int
-    num_kv_blocks_used: int
-    num_kv_blocks_free: int
-    prefix_cache_hit_rate: float
-    num_prompt_tokens_total: int
-    num_generated_tokens_total: int
-    num_steps_total: int
-    num_requests_active: int
-
-
 _PLACEHOLDER = -1  # a sampled token still on its way to the host (asynchronous scheduling)
 
 
@@ -159,24 +90,6 @@ class _InFlight:
         return self.host_tokens.tolist(), lps
 
 
-class RequestStream:
-    """Iterator over a request's `RequestOutput`s (for callers without a callback)."""
-
-    def __init__(self, num_sequences: int = 1) -> None:
-        self._queue: queue.SimpleQueue[RequestOutput] = queue.SimpleQueue()
-        self._open = num_sequences
-
-    def put(self, out: RequestOutput) -> None:
-        self._queue.put(out)
-
-    def __iter__(self) -> Iterator[RequestOutput]:
-        while self._open:
-            out = self._queue.get()
-            if out.finished:
-                self._open -= 1
-            yield out
-
-
 class LLMEngine:
     def __init__(self, config: EngineConfig, session: Session | None = None) -> None:
         self.config = config
@@ -209,7 +122,7 @@ class LLMEngine:
             self.blocks, policy=config.scheduling_policy)
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
-        self._beam_groups: list[_BeamGroup] = []
+        self._beam_groups: list[BeamGroup] = []
         self._active: dict[str, list[Sequence]] = {}  # request id -> its unfinished sequences
         self._stopped = False
         self._num_prompt_tokens = 0
@@ -577,87 +490,38 @@ class LLMEngine:
     # ------------------------------------------------------------ beam groups
     def _add_beam_request(self, request_id: str, prompt: list[int], sampling: SamplingConfig,
                           on_output: Callable[[RequestOutput], None], tokenizer: Any = None) -> None:
-        from .generation import GenerationSession
-
-        mc = self.model_config
-        if sampling.num_beams > mc.max_beam_width:
-            raise ValueError(f"beam_width must be in [1, {mc.max_beam_width}], got {sampling.num_beams}")
-        gen = GenerationSession(mc, self.session, cuda_graphs=False)  # a graph set per request: too costly
-        gen.setup(1, len(prompt), sampling.max_new_tokens, sampling.num_beams)
-        scfg = sampling.copy()
-        scfg.update(return_dict=True, output_sequence_lengths=True, output_cum_log_probs=True,
-                    output_log_probs=True)
-        steps = gen.decode(torch.tensor(prompt), torch.tensor([len(prompt)]), scfg, streaming=True)
+        group = BeamGroup.start(self.session, self.model_config, request_id, prompt, sampling, on_output,
+                                tokenizer)
         with self._lock:
             if any(g.request_id == request_id for g in self._beam_groups):
+                group.close()
                 raise ValueError(f"request_id {request_id!r} is already in flight")
-            self._beam_groups.append(_BeamGroup(request_id, len(prompt), steps, on_output,
-                                                sampling.num_return_sequences or 1, sampling.end_id,
-                                                tokenizer))
+            self._beam_groups.append(group)
             self._num_prompt_tokens += len(prompt)
             self._wake.notify()
 
     def _advance_beam_groups(self) -> list[tuple]:
         outputs = []
         for group in list(self._beam_groups):
-            done = group.aborted
-            if not done:
-                try:
-                    group.last = next(group.steps)
-                except StopIteration:
-                    done = True
-                except Exception as e:
-                    log.exception("beam request %s failed", group.request_id)
-                    outputs += group.final(error=f"{type(e).__name__}: {e}")
-                    self._remove_group(group)
-                    continue
+            try:
+                done = group.advance()
+            except Exception as e:
+                log.exception("beam request %s failed", group.request_id)
+                outputs += group.final(error=f"{type(e).__name__}: {e}")
+                self._remove_group(group)
+                continue
             if done:
-                outputs += group.final()
+                final = group.final()
+                outputs += final
                 with self._lock:
-                    self._num_generated += sum(len(o.new_token_ids) for _, o in outputs[-group.num_return:])
+                    self._num_generated += sum(len(o.new_token_ids) for _, o in final)
                 self._remove_group(group)
         return outputs
 
-    def _remove_group(self, group: _BeamGroup) -> None:
+    def _remove_group(self, group: BeamGroup) -> None:
         with self._lock:
             self._beam_groups.remove(group)
-            group.steps.close()  # frees the group's blocks (GenerationSession's finally)
-
-
-@dataclass
-class _BeamGroup:
-    """A beam-search request running in its own `GenerationSession`; beams are only final at
-    the end, so it streams one output per returned beam when done."""
-
-    request_id: str
-    num_prompt_tokens: int
-    steps: Iterator
-    on_output: Callable[[RequestOutput], None]
-    num_return: int
-    end_id: int
-    tokenizer: Any = None                   # set when the request asked for text
-    last: dict | None = None
-    aborted: bool = False
-
-    def final(self, error: str | None = None) -> list[tuple]:
-        if self.aborted or self.last is None or error:
-            reason = "error" if error else "abort"
-            return [(self.on_output, RequestOutput(self.request_id, i, [], None, None, True, reason,
-                                                   self.num_prompt_tokens, 0, error))
-                    for i in range(self.num_return)]
-        ids, lens = self.last["output_ids"][0], self.last["sequence_lengths"][0]  # (R, S), (R,)
-        cum = self.last.get("cum_log_probs")
-        lps = self.last.get("log_probs")
-        outs = []
-        for i in range(self.num_return):
-            n = int(lens[i]) - self.num_prompt_tokens
-            toks = ids[i, self.num_prompt_tokens:self.num_prompt_tokens + n].tolist()
-            outs.append((self.on_output, RequestOutput(
-                self.request_id, i, toks, lps[0, i, :n].tolist() if lps is not None else None,
-                float(cum[0, i]) if cum is not None else None, True,
-                "stop" if toks and toks[-1] == self.end_id else "length", self.num_prompt_tokens, n,
-                None, self.tokenizer.decode(toks) if self.tokenizer is not None else None)))
-        return outs
+        group.close()
 
 
 def _needs_history(p: SamplingParams) -> bool:
