@@ -70,6 +70,19 @@ def graph_unsupported_reason(model: nn.Module) -> str | None:
     return None
 
 
+def check_graph_pool(kv_cache: torch.Tensor, scratch_block: int, max_seq_len: int) -> None:
+    """Validate what every graph runner is built over: the KV pool, its unowned scratch block
+    (padding writes there) and the bound on context lengths."""
+    if kv_cache.dim() != 6 or kv_cache.shape[1] != 2:
+        raise ValueError(f"kv_cache must be (num_layers, 2, num_blocks, block_size, kvh, d), "
+                         f"got shape {tuple(kv_cache.shape)}")
+    num_blocks = kv_cache.shape[2]
+    if not 0 <= scratch_block < num_blocks:
+        raise ValueError(f"scratch_block must be in [0, {num_blocks}) (the pool's blocks), got {scratch_block}")
+    if max_seq_len < 1:
+        raise ValueError(f"max_seq_len must be >= 1, got {max_seq_len}")
+
+
 class DecodeGraphRunner:
     """Static buffers + lazily captured graphs for decode steps over one KV pool.
 
@@ -82,21 +95,14 @@ class DecodeGraphRunner:
 
     def __init__(self, forward: DecodeForward, kv_cache: torch.Tensor, *, max_batch_size: int,
                  max_seq_len: int, scratch_block: int, use_cuda_graph: bool | None = None) -> None:
-        if kv_cache.dim() != 6 or kv_cache.shape[1] != 2:
-            raise ValueError(f"kv_cache must be (num_layers, 2, num_blocks, block_size, kvh, d), "
-                             f"got shape {tuple(kv_cache.shape)}")
-        num_blocks, block_size = kv_cache.shape[2], kv_cache.shape[3]
-        if not 0 <= scratch_block < num_blocks:
-            raise ValueError(f"scratch_block must be in [0, {num_blocks}) (the pool's blocks), got {scratch_block}")
-        if max_seq_len < 1:
-            raise ValueError(f"max_seq_len must be >= 1, got {max_seq_len}")
+        check_graph_pool(kv_cache, scratch_block, max_seq_len)
         self.forward = forward
         self.kv_cache = kv_cache
         self.device = kv_cache.device
-        self.block_size = block_size
+        self.block_size = kv_cache.shape[3]
         self.scratch_block = scratch_block
         self.max_seq_len = max_seq_len
-        self.max_blocks_per_seq = math.ceil(max_seq_len / block_size)
+        self.max_blocks_per_seq = math.ceil(max_seq_len / self.block_size)
         self.buckets = graph_batch_sizes(max_batch_size)
         self.use_cuda_graph = self.device.type == "cuda" if use_cuda_graph is None else use_cuda_graph
         if self.use_cuda_graph and self.device.type != "cuda":

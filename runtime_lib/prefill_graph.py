@@ -37,7 +37,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .cuda_graph import DecodeForward, choose_bucket, supports_compiled_decode
+from .cuda_graph import DecodeForward, check_graph_pool, choose_bucket, supports_compiled_decode
 from .layers.attention import AttentionMetadata, paged_attention, write_kv
 
 PREFILL_TOKEN_BUCKETS = (16, 32, 64, 128, 192, 256, 320, 384, 512, 640, 768, 1024, 1280, 1536, 2048)
@@ -73,20 +73,13 @@ class PrefillGraphRunner:
     def __init__(self, forward: DecodeForward, kv_cache: torch.Tensor, *, max_num_seqs: int, max_seq_len: int,
                  scratch_block: int, max_num_tokens: int = DEFAULT_MAX_PREFILL_GRAPH_TOKENS,
                  use_cuda_graph: bool | None = None, pool: object = None) -> None:
-        if kv_cache.dim() != 6 or kv_cache.shape[1] != 2:
-            raise ValueError(f"kv_cache must be (num_layers, 2, num_blocks, block_size, kvh, d), "
-                             f"got shape {tuple(kv_cache.shape)}")
-        num_blocks, block_size = kv_cache.shape[2], kv_cache.shape[3]
-        if not 0 <= scratch_block < num_blocks:
-            raise ValueError(f"scratch_block must be in [0, {num_blocks}) (the pool's blocks), got {scratch_block}")
+        check_graph_pool(kv_cache, scratch_block, max_seq_len)
         if max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {max_num_seqs}")
-        if max_seq_len < 1:
-            raise ValueError(f"max_seq_len must be >= 1, got {max_seq_len}")
         self.forward = forward
         self.kv_cache = kv_cache
         self.device = kv_cache.device
-        self.block_size = block_size
+        self.block_size = block_size = kv_cache.shape[3]
         self.scratch_block = scratch_block
         self.max_seq_len = max_seq_len
         self.buckets = prefill_token_buckets(max_num_tokens)
