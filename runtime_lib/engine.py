@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -231,9 +232,12 @@ class LLMEngine:
         if self.device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(self.device)
             return max(1, int(free * cfg.kv_cache_memory_fraction) // bytes_per_block - 1)
-        # CPU: room for every row at full length, scaled by the fraction.
+        # CPU: room for every row at full length, scaled by the fraction, but never more than
+        # that fraction of the memory available now (a 128k-context model would ask for TBs).
         per_seq = -(-self.max_seq_len // cfg.block_size)
-        return max(per_seq, int(cfg.max_num_seqs * per_seq * cfg.kv_cache_memory_fraction))
+        wanted = max(per_seq, int(cfg.max_num_seqs * per_seq * cfg.kv_cache_memory_fraction))
+        available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+        return max(1, min(wanted, int(available * cfg.kv_cache_memory_fraction) // bytes_per_block))
 
     def _check_prompt(self, prompt_ids: list[int], sampling: SamplingConfig) -> list[int]:
         prompt = [int(t) for t in prompt_ids]

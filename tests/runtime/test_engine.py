@@ -254,3 +254,19 @@ def test_detokenized_deltas_concatenate_to_the_decoded_output(session, llama_dir
         assert_no_leak(engine)
     finally:
         engine.shutdown()
+
+
+def test_cpu_kv_pool_is_capped_by_available_memory(session, llama_dir, monkeypatch):
+    """A long-context model must not ask the CPU for more KV memory than the machine has."""
+    import os
+
+    page = os.sysconf("SC_PAGE_SIZE")
+    monkeypatch.setattr(os, "sysconf", lambda name: page if name == "SC_PAGE_SIZE" else 64)  # 64 pages free
+    engine = make_engine(session, llama_dir, num_kv_blocks=None, max_seq_len=512, max_num_seqs=64)
+    try:
+        mc = engine.model_config
+        block_bytes = 2 * mc.num_layers * 4 * mc.num_kv_heads * mc.head_size * 4
+        assert engine.blocks.num_blocks == max(1, int(64 * page * 0.9) // block_bytes)
+        assert engine.blocks.num_blocks < 64 * (512 // 4)
+    finally:
+        engine.shutdown()
