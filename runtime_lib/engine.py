@@ -62,7 +62,7 @@ class _RequestState:
     needs_history: bool                      # sampling reads the host token history
     log_probs: list[float] = field(default_factory=list)
     num_emitted: int = 0                     # output tokens already handed out
-    siblings: list[Sequence] = field(default_factory=list)  # n > 1: added once the prompt is cached
+    siblings: list[Sequence] = field(default_factory=list)  # n > 1: started once the prompt is computed
     first_token_time: float | None = None
     # >= 0: token_ids[-1] is a placeholder for the token sampled in row `pending_row` of the
     # step in flight (its device tokens feed the next step; the host value comes one step late).
@@ -129,6 +129,7 @@ class LLMEngine:
         self._num_prompt_tokens = 0
         self._num_generated = 0
         self._num_steps = 0
+        self._num_computed_tokens = 0  # tokens run through the model (prefix hits and forks excluded)
         self._thread = threading.Thread(target=self._loop, name="llm-engine", daemon=True)
         self._thread.start()
 
@@ -219,6 +220,7 @@ class LLMEngine:
                 num_kv_blocks_free=b.num_free_blocks, prefix_cache_hit_rate=b.hit_rate,
                 num_prompt_tokens_total=self._num_prompt_tokens,
                 num_generated_tokens_total=self._num_generated, num_steps_total=self._num_steps,
+                num_computed_tokens_total=self._num_computed_tokens,
                 num_requests_active=len(self._active) + len(self._beam_groups))
 
     def is_healthy(self) -> bool:
@@ -326,6 +328,7 @@ class LLMEngine:
             if launched is not None:
                 with self._lock:
                     self._num_steps += 1
+                    self._num_computed_tokens += sched.num_batched_tokens
                     self.scheduler.on_step_done(sched)
                     deferred = self.config.async_scheduling and self._defer(launched)
                 if deferred:
@@ -431,10 +434,10 @@ class LLMEngine:
         outputs: list[tuple] = []
         if st.first_token_time is None:
             st.first_token_time = time.monotonic()
-            if st.siblings:  # n > 1: the prompt is computed (and cached): start the others
+            if st.siblings:  # n > 1: the prompt is computed: start the others on its blocks
                 for sib in st.siblings:
                     try:
-                        self.scheduler.add(sib)
+                        self._start_sibling(seq, sib)
                     except RequestRejectedError as e:
                         self._active[st.request_id].remove(sib)
                         outputs.append(self._final_output(sib, "error", error=str(e)))
@@ -471,6 +474,25 @@ class LLMEngine:
                 False, None, num_prompt, ready, None,
                 st.detokenizer.add(new) if st.detokenizer is not None else None)))
         return outputs
+
+    def _start_sibling(self, parent: Sequence, sib: Sequence) -> None:
+        """n > 1: sequence `sib` shares the blocks `parent` computed for the prompt (copy on
+        write) and recomputes only the last prompt token, whose logits give its own first
+        token under its own seed. Past `max_num_seqs` it queues instead (prefix cache)."""
+        try:
+            child = self.scheduler.fork(parent, sib.request_id, data=sib.data)
+        except ValueError:
+            self.scheduler.add(sib)
+            return
+        del child.token_ids[parent.num_prompt_tokens:]  # the parent's own tokens
+        child.num_computed_tokens = parent.num_prompt_tokens - 1
+        # Keep only the blocks of the computed prompt: the parent's table may already reach
+        # past it (a step launched ahead), and the child's writes must land in copies.
+        keep = self.blocks.num_blocks_for(child.num_computed_tokens)
+        self.blocks.free(child.block_table[keep:])
+        del child.block_table[keep:]
+        active = self._active[sib.data.request_id]
+        active[active.index(sib)] = child
 
     def _finish(self, seq: Sequence, status: SequenceStatus) -> None:
         """Remove a sequence from the scheduler (freeing its blocks) and from its request."""

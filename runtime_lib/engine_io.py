@@ -75,6 +75,7 @@ class EngineStats:
     num_generated_tokens_total: int
     num_steps_total: int
     num_requests_active: int
+    num_computed_tokens_total: int = 0  # tokens run through the model (prefix-cache hits excluded)
 
 
 class RequestStream:

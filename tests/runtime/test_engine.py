@@ -155,16 +155,28 @@ def test_cancel_storm_leaves_nothing_behind(session, llama_dir):
         engine.shutdown()
 
 
-def test_num_return_sequences_share_the_prompt(session, llama_dir):
-    engine = make_engine(session, llama_dir)
-    p = prompts(1, seed=5, lo=20, hi=21)[0]
+@pytest.mark.parametrize("prefix_caching", [False, True])
+def test_num_return_sequences_share_the_prompt(session, llama_dir, prefix_caching):
+    """n > 1: the samples after the first reuse the prompt's computed blocks (each recomputes
+    only the last prompt token), and sample i equals a lone request seeded seed + i."""
+    engine = make_engine(session, llama_dir, enable_prefix_caching=prefix_caching)
+    p = prompts(1, seed=5, lo=21, hi=22)[0]
+    n, new = 3, 10
     try:
         outs = {}
-        for out in engine.add_request("n", p, sampling(1, num_return_sequences=3)):
+        for out in engine.add_request("n", p, sampling(1, max_new_tokens=new, num_return_sequences=n,
+                                                       ignore_eos=True)):
             outs.setdefault(out.sequence_index, []).extend(out.new_token_ids)
         assert sorted(outs) == [0, 1, 2]
         assert len({tuple(v) for v in outs.values()}) > 1, "samples with distinct seeds should differ"
-        assert engine.stats().prefix_cache_hit_rate > 0, "siblings reuse the computed prompt blocks"
+        computed = engine.stats().num_computed_tokens_total
+        # prompt once, one recomputed prompt token per extra sample, then one token per decode step
+        assert computed <= len(p) + (n - 1) + n * (new - 1), computed
+        seed = sampling(1).random_seed
+        for i in range(n):
+            solo = collect(engine.add_request(f"solo{i}", p, sampling(1, max_new_tokens=new, ignore_eos=True,
+                                                                      random_seed=seed + i)))[0]
+            assert outs[i] == solo
         assert_no_leak(engine)
     finally:
         engine.shutdown()
