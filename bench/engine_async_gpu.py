@@ -8,7 +8,7 @@ engine with asynchronous scheduling. Per variant: offline ISL/OSL 128/128 output
 batch (all requests at once) and one stream's TTFT / ITL. JSON + Markdown to $OUT (else
 bench/results/).
 
-    python3 bench/engine_async_gpu.py --baseline-engine /tmp/engine_old.py --compile
+    python3 bench/engine_async_gpu.py --baseline-engine engine_old.py --compile
 """
 from __future__ import annotations
 

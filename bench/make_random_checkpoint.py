@@ -1,7 +1,7 @@
 """Write a random-weight Hugging Face checkpoint of a real model shape, plus a word-level
 tokenizer covering its whole vocabulary, so servers and benchmarks run real shapes offline.
 
-    python bench/make_random_checkpoint.py --shape llama-3.1-8b --output /tmp/llama8b --device cuda
+    python bench/make_random_checkpoint.py --shape llama-3.1-8b --output llama8b --device cuda
 
 Weights are drawn on `--device` (fast on a GPU) in `--dtype` and saved as safetensors.
 Detokenized text reads "t17 t2048 ...": one word per id, so any sampled id decodes.

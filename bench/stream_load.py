@@ -174,7 +174,8 @@ def main() -> None:
         out = Path(args.output)
         out.mkdir(parents=True, exist_ok=True)
         stem = f"stream_load_{args.model}{('_' + args.label) if args.label else ''}"
-        meta = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "args": vars(args)}
+        args_record = {k: v for k, v in vars(args).items() if k != "output"}  # no machine paths in results
+        meta = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "args": args_record}
         (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
         (out / f"{stem}.md").write_text(f"# {stem}\n\n{json.dumps(meta)}\n\n{table}\n")
 
