@@ -12,7 +12,7 @@ MAX_TOKENS=${MAX_TOKENS:-128}
 REQS=${REQS:-3}
 OUT=${OUT:-$root/bench/results}
 carry=$root/.cache/gpu_carry
-work=${WORK:-/tmp/gpu_triton}
+work=${WORK:-${TMPDIR:-/tmp}/gpu_triton}
 mkdir -p "$work" "$OUT"
 
 [ -d "$work/tri" ] || { mkdir -p "$work/tri"; tar xzf "$carry/triton_gpu.tgz" -C "$work/tri"; }
