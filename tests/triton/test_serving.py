@@ -427,3 +427,35 @@ def test_mixed_settings_under_load_equal_each_request_alone(triton_server):
     alone = {i: run(j) for i, j in enumerate(jobs)}
     assert together == alone
     assert len(set(alone.values())) > 4, "settings should actually differ between requests"
+
+
+def test_cancel_storm_through_the_server(triton_server, offline):
+    """Issue 5: 200 in-flight streams through `ensemble`, half cancelled after a random number
+    of responses: the others finish with the right text, and the engine ends with no running
+    request and no KV block in use."""
+    _engine_idle(triton_server)
+    rng = np.random.default_rng(11)
+    prompt, max_tokens = PROMPTS[3], 12
+    _, expected = offline(prompt, max_tokens)
+    cancel_after = {i: int(rng.integers(1, 4)) for i in rng.choice(200, size=100, replace=False)}
+    results: dict[int, object] = {}
+
+    def run(i: int) -> None:
+        results[i] = grpc_stream(triton_server.grpc_url, "ensemble", [
+            tensor("text_input", prompt), tensor("max_tokens", max_tokens), tensor("stream", True),
+            tensor("exclude_input_in_output", True)], timeout_s=180, cancel_after=cancel_after.get(i),
+            settle_s=0.05)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(200)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=240)
+    assert len(results) == 200
+    for i, res in results.items():
+        if i in cancel_after:
+            continue
+        assert res.error is None and res.num_final == 1, (i, res.error)
+        assert "".join(texts(res)) == expected
+    _engine_idle(triton_server)
+    assert triton_server.metrics()["llm_requests_waiting"] == 0
