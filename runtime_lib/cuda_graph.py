@@ -280,6 +280,20 @@ def llama_decode_forward(model: nn.Module, input_ids: torch.Tensor, positions: t
     return model.compute_logits(model.norm(x)[logits_indices])                 # (N, V) fp32
 
 
+def compile_per_model(model: nn.Module, attr: str, name: str, fn, backend: str):
+    """`torch.compile(fn)` once per model, cached on the model as `attr` (recompiled only for
+    another backend). Each model gets its own code object, named `<name>_<id>`, so the compile
+    caches of two models in one process never count against each other's recompile limit; the
+    model <-> closure cycle is collected with the model, not kept alive by a global cache."""
+    cached = getattr(model, attr, None)
+    if cached is None or cached[0] != backend:
+        code = fn.__code__.replace(co_name=f"{name}_{id(model):x}")
+        fn = types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__, fn.__closure__)
+        cached = (backend, torch.compile(fn, backend=backend, dynamic=False, fullgraph=True))
+        object.__setattr__(model, attr, cached)
+    return cached[1]
+
+
 def make_compiled_decode_forward(model: nn.Module, *, backend: str = "inductor") -> DecodeForward:
     """A `DecodeForward` running `llama_decode_forward` through torch.compile, compiled on the
     first call (the runner's warm-up, outside graph capture).
@@ -292,19 +306,12 @@ def make_compiled_decode_forward(model: nn.Module, *, backend: str = "inductor")
     if not supports_compiled_decode(model):
         raise ValueError(f"compiled decode supports Llama-family models without dynamic rope, "
                          f"got {type(model).__name__}")
-    compiled = getattr(model, "_runtime_lib_compiled_decode", None)
-    if compiled is None or compiled[0] != backend:
-        def step(input_ids, positions, kv_cache, slot_mapping, block_tables, context_lens, logits_indices,
-                 max_context_len: int):
-            return llama_decode_forward(model, input_ids, positions, kv_cache, slot_mapping, block_tables,
-                                        context_lens, logits_indices, max_context_len)
+    def step(input_ids, positions, kv_cache, slot_mapping, block_tables, context_lens, logits_indices,
+             max_context_len: int):
+        return llama_decode_forward(model, input_ids, positions, kv_cache, slot_mapping, block_tables,
+                                    context_lens, logits_indices, max_context_len)
 
-        code = step.__code__.replace(co_name=f"decode_step_{id(model):x}")
-        step = types.FunctionType(code, step.__globals__, code.co_name, step.__defaults__, step.__closure__)
-        compiled = (backend, torch.compile(step, backend=backend, dynamic=False, fullgraph=True))
-        # A model <-> closure cycle: collected with the model (gc), not kept alive by a global cache.
-        object.__setattr__(model, "_runtime_lib_compiled_decode", compiled)
-    compiled_step = compiled[1]
+    compiled_step = compile_per_model(model, "_runtime_lib_compiled_decode", "decode_step", step, backend)
 
     @torch.no_grad()
     def forward(input_ids, positions, kv_cache, meta: AttentionMetadata, logits_indices):
@@ -322,6 +329,7 @@ __all__ = [
     "GRAPH_BATCH_SIZES",
     "DecodeGraphRunner",
     "choose_bucket",
+    "compile_per_model",
     "cuda_graphs_disabled_by_env",
     "decode_attention",
     "graph_batch_sizes",

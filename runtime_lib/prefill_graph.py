@@ -31,13 +31,12 @@ from __future__ import annotations
 
 import math
 import os
-import types
 from collections.abc import Sequence
 
 import torch
 from torch import nn
 
-from .cuda_graph import DecodeForward, check_graph_pool, choose_bucket, supports_compiled_decode
+from .cuda_graph import DecodeForward, check_graph_pool, choose_bucket, compile_per_model, supports_compiled_decode
 from .layers.attention import AttentionMetadata, paged_attention, write_kv
 
 PREFILL_TOKEN_BUCKETS = (16, 32, 64, 128, 192, 256, 320, 384, 512, 640, 768, 1024, 1280, 1536, 2048)
@@ -282,19 +281,12 @@ def make_compiled_prefill_forward(model: nn.Module, *, backend: str = "inductor"
     if not supports_compiled_decode(model):
         raise ValueError(f"compiled prefill supports Llama-family models without dynamic rope, "
                          f"got {type(model).__name__}")
-    compiled = getattr(model, "_runtime_lib_compiled_prefill", None)
-    if compiled is None or compiled[0] != backend:
-        def step(input_ids, positions, kv_cache, slot_mapping, block_tables, query_lens, context_lens,
-                 cu_query_lens, logits_indices, max_context_len: int):
-            return llama_prefill_forward(model, input_ids, positions, kv_cache, slot_mapping, block_tables,
-                                         query_lens, context_lens, cu_query_lens, logits_indices, max_context_len)
+    def step(input_ids, positions, kv_cache, slot_mapping, block_tables, query_lens, context_lens,
+             cu_query_lens, logits_indices, max_context_len: int):
+        return llama_prefill_forward(model, input_ids, positions, kv_cache, slot_mapping, block_tables,
+                                     query_lens, context_lens, cu_query_lens, logits_indices, max_context_len)
 
-        # Its own code object per model: two models' compile caches never share a recompile limit.
-        code = step.__code__.replace(co_name=f"prefill_step_{id(model):x}")
-        step = types.FunctionType(code, step.__globals__, code.co_name, step.__defaults__, step.__closure__)
-        compiled = (backend, torch.compile(step, backend=backend, dynamic=False, fullgraph=True))
-        object.__setattr__(model, "_runtime_lib_compiled_prefill", compiled)
-    compiled_step = compiled[1]
+    compiled_step = compile_per_model(model, "_runtime_lib_compiled_prefill", "prefill_step", step, backend)
 
     @torch.no_grad()
     def forward(input_ids, positions, kv_cache, meta: AttentionMetadata, logits_indices):
