@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 import os
 import types
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Container, Sequence
 
 import torch
 from torch import nn
@@ -68,6 +68,16 @@ def graph_unsupported_reason(model: nn.Module) -> str | None:
     if scaling.get("rope_type", scaling.get("type")) == "dynamic":
         return "dynamic-NTK rope scaling depends on the step's longest sequence"
     return None
+
+
+def capture_buckets(buckets: Sequence[int], captured: Container[int], capture: Callable[[int], None],
+                    sizes: Sequence[int] | None = None) -> None:
+    """Capture the buckets covering `sizes` (default: all) that are not captured yet, largest
+    first so the smaller graphs reuse its pool memory."""
+    wanted = sorted({choose_bucket(n, buckets) or buckets[-1] for n in (sizes or buckets)}, reverse=True)
+    for bucket in wanted:
+        if bucket not in captured:
+            capture(bucket)
 
 
 def check_graph_pool(kv_cache: torch.Tensor, scratch_block: int, max_seq_len: int) -> None:
@@ -178,13 +188,8 @@ class DecodeGraphRunner:
     def capture(self, batch_sizes: Sequence[int] | None = None) -> None:
         """Capture graphs now (largest first, so later captures reuse the shared pool) instead
         of on first use; `batch_sizes` defaults to every bucket."""
-        if not self.use_cuda_graph:
-            return
-        wanted = sorted({choose_bucket(b, self.buckets) or self.buckets[-1]
-                         for b in (batch_sizes or self.buckets)}, reverse=True)
-        for b in wanted:
-            if b not in self._graphs:
-                self._capture(b)
+        if self.use_cuda_graph:
+            capture_buckets(self.buckets, self._graphs, self._capture, batch_sizes)
 
     def _meta(self, bucket: int) -> AttentionMetadata:
         return AttentionMetadata(
@@ -328,6 +333,7 @@ def make_compiled_decode_forward(model: nn.Module, *, backend: str = "inductor")
 __all__ = [
     "GRAPH_BATCH_SIZES",
     "DecodeGraphRunner",
+    "capture_buckets",
     "choose_bucket",
     "compile_per_model",
     "cuda_graphs_disabled_by_env",

@@ -36,7 +36,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .cuda_graph import DecodeForward, check_graph_pool, choose_bucket, compile_per_model, supports_compiled_decode
+from .cuda_graph import DecodeForward, capture_buckets, check_graph_pool, choose_bucket, compile_per_model, supports_compiled_decode
 from .layers.attention import AttentionMetadata, paged_attention, write_kv
 
 PREFILL_TOKEN_BUCKETS = (16, 32, 64, 128, 192, 256, 320, 384, 512, 640, 768, 1024, 1280, 1536, 2048)
@@ -166,13 +166,8 @@ class PrefillGraphRunner:
     def capture(self, num_tokens: Sequence[int] | None = None) -> None:
         """Capture graphs now (largest first, so smaller ones reuse its pool memory) instead
         of on first use; `num_tokens` defaults to every bucket."""
-        if not self.use_cuda_graph:
-            return
-        wanted = sorted({choose_bucket(t, self.buckets) or self.buckets[-1]
-                         for t in (num_tokens or self.buckets)}, reverse=True)
-        for b in wanted:
-            if b not in self._graphs:
-                self._capture(b)
+        if self.use_cuda_graph:
+            capture_buckets(self.buckets, self._graphs, self._capture, num_tokens)
 
     def _reset(self, num_tokens: int, num_seqs: int, num_logits: int) -> None:
         """What a larger earlier step left beyond this step's tokens, sequences and logits goes
