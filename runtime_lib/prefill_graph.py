@@ -36,7 +36,14 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .cuda_graph import DecodeForward, capture_buckets, check_graph_pool, choose_bucket, compile_per_model, supports_compiled_decode
+from .cuda_graph import (
+    DecodeForward,
+    capture_buckets,
+    check_graph_pool,
+    choose_bucket,
+    compile_per_model,
+    supports_compiled_decode,
+)
 from .layers.attention import AttentionMetadata, paged_attention, write_kv
 
 PREFILL_TOKEN_BUCKETS = (16, 32, 64, 128, 192, 256, 320, 384, 512, 640, 768, 1024, 1280, 1536, 2048)
