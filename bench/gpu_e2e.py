@@ -200,8 +200,9 @@ def random_prompts(n: int, length: int, vocab: int, seed: int) -> list[torch.Ten
     return [torch.randint(10, vocab, (length,), generator=g) for _ in range(n)]
 
 
-def make_runner(session: Session, graphs: bool, compile_: bool = False) -> ModelRunner:
+def make_runner(session: Session, graphs: bool, compile_: bool = False, fused: bool = False) -> ModelRunner:
     session.compile_decode_graphs = compile_
+    session.fused_decode = fused
     runner = ModelRunner.from_engine(session)
     runner.session.cuda_graphs = graphs
     return runner
@@ -278,6 +279,14 @@ def section_bs1(name: str, hf, session: Session, mc: ModelConfig, res: dict, arg
         out["profile_compiled"] = profile_step(lambda: our_generate(comp, prompt, 17), steps=16)
         comp = None  # drop its KV pool and graphs now
         session.compile_decode_graphs = False
+    if args.fused:
+        fused = make_runner(session, graphs=True, fused=True)
+        ms = decode_ms_per_token(lambda k: our_generate(fused, prompt, k), n)
+        replay_ms = graph_replay_ms(fused)
+        record("ours CUDA graphs + fused small-batch step", ms, graph_replay_ms=replay_ms,
+               host_overhead_ms=ms - replay_ms)
+        out["profile_fused"] = profile_step(lambda: our_generate(fused, prompt, 17), steps=16)
+        fused = None
     hf_n = min(n, args.hf_tokens)
     if hf_n > 0:
         record("HF generate eager", decode_ms_per_token(lambda k: hf_generate(hf, prompt, k), hf_n, repeats=1),
@@ -313,6 +322,10 @@ def graph_replay_ms(runner: ModelRunner, batch: int = 1) -> float:
 
 def kernel_category(name: str) -> str:
     n = name.lower()
+    if "small_linear" in n:
+        return "matmul (fused small_linear)"
+    if "rope_kv" in n:
+        return "rope + kv write"
     if "decode_partition" in n or "decode_reduce" in n or "varlen" in n or "flash" in n or "attention" in n:
         return "attention"
     if any(k in n for k in ("gemm", "nvjet", "cutlass", "xmma", "cublas", "matmul", "gemv", "splitk")):
@@ -392,6 +405,13 @@ def section_correctness(name: str, hf, session: Session, mc: ModelConfig, res: d
         session.compile_decode_graphs = False
         out["ours_compiled_vs_ours_eager"] = token_agreement(ours_c, ours_e)
         log(f"{name} correctness: compiled vs eager {out['ours_compiled_vs_ours_eager']}")
+    if args.fused:
+        fused = make_runner(session, graphs=True, fused=True)
+        ours_f = our_generate(fused, prompts, n)[:, 0, 32:32 + n].cpu()
+        fused = None
+        out["ours_fused_vs_ours_eager"] = token_agreement(ours_f, ours_e)
+        out["ours_fused_vs_hf"] = token_agreement(ours_f, hf_ids)
+        log(f"{name} correctness: fused vs eager {out['ours_fused_vs_ours_eager']}; fused vs HF {out['ours_fused_vs_hf']}")
     free_cuda()
 
 
@@ -432,8 +452,10 @@ def small_model_cpu_vs_gpu(res: dict) -> None:
     log(f"small model: {res['small_model_cpu_fp32_vs_gpu']}")
 
 
-def make_engine(session: Session, max_num_seqs: int, tokens_per_seq: int, compile_: bool) -> LLMEngine:
+def make_engine(session: Session, max_num_seqs: int, tokens_per_seq: int, compile_: bool,
+                fused: bool = False) -> LLMEngine:
     """An engine whose KV pool holds `max_num_seqs` sequences of `tokens_per_seq` (no preemption)."""
+    session.fused_decode = fused
     blocks = max_num_seqs * (math.ceil(tokens_per_seq / 16) + 1)
     return LLMEngine(EngineConfig(model_dir="<in-memory>", max_num_seqs=max_num_seqs, max_num_batched_tokens=8192,
                                   block_size=16, num_kv_blocks=blocks, max_seq_len=MAX_SEQ_LEN, max_queue_size=4096,
@@ -532,7 +554,7 @@ def offline_one(name: str, session: Session, prompts: list[torch.Tensor], isl: i
     runner = None  # drop its KV pool and graphs now
     session.compile_decode_graphs = False
     free_cuda()
-    engine = make_engine(session, batch, isl + osl, args.compile)
+    engine = make_engine(session, batch, isl + osl, args.compile, args.fused)
     try:
         run_engine(session, random_prompts(batch, isl, vocab, seed=1003), 3, engine)  # warm-up
         stats = run_engine(session, prompts, osl, engine)
@@ -548,7 +570,7 @@ def offline_one(name: str, session: Session, prompts: list[torch.Tensor], isl: i
 def section_latency(name: str, hf, session: Session, mc: ModelConfig, res: dict, args) -> None:
     out: dict[str, Any] = {"compiled": bool(args.compile)}
     res["latency"] = out
-    engine = make_engine(session, max(args.concurrency), 128 + 128, args.compile)
+    engine = make_engine(session, max(args.concurrency), 128 + 128, args.compile, args.fused)
     try:
         for c in args.concurrency:
             prompts = random_prompts(c, 128, mc.vocab_size, seed=4 + c)
@@ -587,7 +609,7 @@ def section_prefill(name: str, hf, session: Session, mc: ModelConfig, res: dict,
             session.prefill_graph_max_tokens, session.compile_prefill_graphs = PREFILL_MODES[mode]
             m: dict[str, Any] = {"ttft_single_ms": {}}
             out[mode] = m
-            engine = make_engine(session, max(args.concurrency), 2048 + 128, args.compile)
+            engine = make_engine(session, max(args.concurrency), 2048 + 128, args.compile, args.fused)
             try:
                 t0 = time.perf_counter()
                 seed = 7000
@@ -775,6 +797,7 @@ def main() -> int:
     ap.add_argument("--compile-correctness", action="store_true",
                     help="also compare the compiled step's greedy tokens (compiles for batch > 1 too)")
     ap.add_argument("--fp32-check", action="store_true", help="also compare fp32 logits with HF (a copy in fp32)")
+    ap.add_argument("--fused", action="store_true", help="also the fused small-batch decode step (bs1 section)")
     ap.add_argument("--hf-compile", action="store_true", help="also HF generate with static cache + compile")
     ap.add_argument("--long", action="store_true", help="also ISL/OSL 1000/1000 (ours)")
     ap.add_argument("--long-batch", type=int, default=128)

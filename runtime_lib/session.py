@@ -93,6 +93,8 @@ class Session:
         # Each decode runner maps to the prefill/mixed-step runner over the same pool (or None).
         self._graph_runners: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self.compile_decode_graphs = False  # torch.compile the captured decode step (Llama family)
+        # Decode batches of <= 16 rows run the fused-kernel step (runtime_lib/fused_decode.py).
+        self.fused_decode = True
         # Prefill / mixed steps up to this many tokens replay token-bucket graphs (0: eager).
         self.prefill_graph_max_tokens = DEFAULT_MAX_PREFILL_GRAPH_TOKENS
         # torch.compile the captured prefill step too; None: whenever the decode step is.
@@ -197,6 +199,11 @@ class Session:
             make_compiled_decode_forward,
             supports_compiled_decode,
         )
+        from .fused_decode import (
+            fused_decode_disabled_by_env,
+            fused_decode_unsupported_reason,
+            make_fused_decode_forward,
+        )
         from .prefill_graph import PrefillGraphRunner, make_compiled_prefill_forward, prefill_graphs_disabled_by_env
 
         model = self.model
@@ -208,6 +215,9 @@ class Session:
         forward = self._backend.forward
         if compile and supports_compiled_decode(model):
             forward = make_compiled_decode_forward(model)
+        if (self.fused_decode and not fused_decode_disabled_by_env()
+                and fused_decode_unsupported_reason(model) is None):
+            forward = make_fused_decode_forward(model, forward)
         runner = DecodeGraphRunner(forward, kv_cache, max_batch_size=max_batch_size, max_seq_len=max_seq_len,
                                    scratch_block=scratch_block)
         prefill = None

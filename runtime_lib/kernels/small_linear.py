@@ -1,0 +1,252 @@
+"""Triton linear layer for steps of a few rows (decode at batch <= 16), with the elementwise work
+around it fused in.
+
+A batch-1 decode step is a chain of GEMVs that each stream one weight matrix from HBM. What makes
+it slower than its weight bytes are the small kernels between them (RMSNorm, SiLU*mul, residual
+adds: ~5 launches per layer) and cuBLAS's split-K reduce launches. Here each GEMV does that work:
+
+    prologue  "none"      a = x
+              "rmsnorm"   a = norm_weight * (x * rsqrt(mean(x^2) + eps))     a Llama RMSNorm of x
+              "silu_mul"  a = silu(x[:, :K]) * x[:, K:]                      the gated MLP's activation
+    matmul    y = a @ weight.T (+ bias)                                      weight: (N, K), nn.Linear's
+    epilogue  y = y + residual                                               optional
+
+Every program recomputes its prologue from x (a few KB that stay in L2) instead of a launch
+writing `a` to HBM; one program owns BLOCK_N whole output columns, so there is no split-K reduce.
+Rounding follows the unfused torch ops in the model dtype (each op rounds its result to bf16 /
+fp16 as eager torch does), so the fused layer computes what the eager one does up to summation
+order and the last bit of exp / rsqrt.
+
+One row (M == 1) runs a pure GEMV (multiply-accumulate in registers); 2..16 rows multiply a
+16-row tile on the tensor cores (the padding rows cost arithmetic, which a memory-bound step has
+to spare). Launch shapes per device come from `bench/gpu_kernels.py --sections linear`.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import triton
+import triton.language as tl
+
+from runtime_lib.kernels.paged_attention import device_parallelism, interpreter_dot_upcast, mma
+
+MAX_ROWS = 16
+PROLOGUES = {"none": 0, "rmsnorm": 1, "silu_mul": 2}
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def interpreter_rounds_bf16() -> bool:
+    """Triton 3.6's CPU interpreter converts fp32 to bf16 by truncation; compiled kernels round
+    to nearest even. Under TRITON_INTERPRET the kernel rounds by hand so CPU tests see GPU bits."""
+    return bool(triton.knobs.runtime.interpret)
+
+
+@triton.jit
+def round_to(x, dt: tl.constexpr, EMULATE_RNE: tl.constexpr):
+    """fp32 -> dt with round-to-nearest-even, returned in fp32 (the value the next op reads)."""
+    if EMULATE_RNE and dt == tl.bfloat16:
+        bits = x.to(tl.int32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
+        return bits.to(tl.float32, bitcast=True)
+    return x.to(dt).to(tl.float32)
+
+
+@triton.jit
+def _small_linear_kernel(
+    x_ptr, w_ptr, out_ptr, res_ptr, norm_w_ptr, bias_ptr,
+    M, N, K, stride_xm, stride_wn, stride_om, stride_rm, eps,
+    PROLOGUE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr, RNE: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    dt: tl.constexpr = w_ptr.dtype.element_ty
+    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    offs_m = tl.arange(0, BLOCK_M)
+    m_mask = offs_m < M
+    offs_k0 = tl.arange(0, BLOCK_K)
+    x_rows = x_ptr + offs_m[:, None] * stride_xm                                   # (BM, 1)
+    w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn                       # (BN, 1)
+
+    if PROLOGUE == 1:  # RMSNorm statistics of each row, in fp32
+        ss = tl.zeros([BLOCK_M], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + offs_k0
+            xk = tl.load(x_rows + offs_k[None, :], mask=m_mask[:, None] & (offs_k < K)[None, :],
+                         other=0.0).to(tl.float32)
+            ss += tl.sum(xk * xk, axis=1)
+        rstd = tl.rsqrt(ss / K + eps)                                              # (BM,)
+
+    if BLOCK_M == 1:
+        acc2 = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    else:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + offs_k0
+        k_mask = offs_k < K
+        a_mask = m_mask[:, None] & k_mask[None, :]
+        w = tl.load(w_rows + offs_k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)  # (BN, BK)
+        if PROLOGUE == 2:
+            g = tl.load(x_rows + offs_k[None, :], mask=a_mask, other=0.0).to(tl.float32)
+            u = tl.load(x_rows + K + offs_k[None, :], mask=a_mask, other=0.0).to(tl.float32)
+            s = round_to(g / (1.0 + tl.exp(-g)), dt, RNE)                         # silu, rounded
+            a = round_to(s * u, dt, RNE).to(dt)                                    # (BM, BK)
+        else:
+            a = tl.load(x_rows + offs_k[None, :], mask=a_mask, other=0.0)
+            if PROLOGUE == 1:
+                nw = tl.load(norm_w_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)
+                a = round_to(a.to(tl.float32) * rstd[:, None], dt, RNE)
+                a = round_to(a * nw[None, :], dt, RNE).to(dt)
+        if BLOCK_M == 1:
+            acc2 += w.to(tl.float32) * a.to(tl.float32)                            # (BN, BK)
+        else:
+            acc += mma(a.to(dt), tl.trans(w), INPUT_PRECISION, DOT_UPCAST)          # (BM, BN)
+
+    if BLOCK_M == 1:
+        y = tl.sum(acc2, axis=1)[None, :]                                          # (1, BN)
+    else:
+        y = acc
+    if HAS_BIAS:
+        y = y + tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    y = round_to(y, dt, RNE)                                                       # the linear's output
+    o_mask = m_mask[:, None] & n_mask[None, :]
+    if HAS_RES:
+        r = tl.load(res_ptr + offs_m[:, None] * stride_rm + offs_n[None, :], mask=o_mask, other=0.0)
+        y = round_to(y + r.to(tl.float32), dt, RNE)
+    tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], y.to(out_ptr.dtype.element_ty),
+             mask=o_mask)
+
+
+@dataclass(frozen=True)
+class LinearTuning:
+    """Launch shape of one small_linear call."""
+    block_n: int
+    block_k: int
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+def _tuning_table_path() -> Path:
+    return Path(os.environ.get("RUNTIME_LIB_SMALL_LINEAR_TABLE")
+                or Path(__file__).with_name("small_linear_tuning.json"))
+
+
+@functools.cache
+def _tuning_table(path: str) -> dict[str, dict[str, dict[str, int]]]:
+    """{device name: {"m,n,k": {block_n, block_k, num_warps, num_stages}}}; {} when absent."""
+    p = Path(path)
+    return json.loads(p.read_text()) if p.is_file() else {}
+
+
+def row_class(num_rows: int) -> int:
+    """1 row runs the GEMV form; 2..16 rows share the 16-row tensor-core tile."""
+    return 1 if num_rows == 1 else MAX_ROWS
+
+
+@functools.cache
+def _device_name(index: int) -> str:
+    return torch.cuda.get_device_name(index)
+
+
+def choose_tuning(num_rows: int, n: int, k: int, device: torch.device) -> LinearTuning:
+    """The tuned launch shape for this device and matrix, else a heuristic: enough programs to
+    put ~4 on every SM (a GEMV is only as fast as the loads it keeps in flight), each streaming
+    whole rows of the weight in BLOCK_K chunks."""
+    m = row_class(num_rows)
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        entry = _tuning_table(str(_tuning_table_path())).get(_device_name(index), {}).get(f"{m},{n},{k}")
+        if entry:
+            return LinearTuning(**entry)
+    if m == 1:
+        block_n = 16
+        while block_n > 2 and triton.cdiv(n, block_n) < 4 * device_parallelism(device):
+            block_n //= 2
+        return LinearTuning(block_n=block_n, block_k=512, num_warps=4, num_stages=3)
+    return LinearTuning(block_n=32, block_k=128, num_warps=4, num_stages=4)
+
+
+def small_linear(x: torch.Tensor, weight: torch.Tensor, *, bias: torch.Tensor | None = None,
+                 residual: torch.Tensor | None = None, prologue: str = "none",
+                 norm_weight: torch.Tensor | None = None, eps: float = 1e-6,
+                 out_dtype: torch.dtype | None = None, out: torch.Tensor | None = None,
+                 tuning: LinearTuning | None = None) -> torch.Tensor:
+    """y = prologue(x) @ weight.T (+ bias) (+ residual) for 1..16 rows; see the module docstring.
+
+    x: (M, K), or (M, 2K) for "silu_mul" (gate then up, as the fused gate_up projection writes
+    them); weight: (N, K); bias: (N,); residual: (M, N); norm_weight: (K,) for "rmsnorm".
+    Returns (M, N) in `out_dtype` (default: weight's dtype), rounded to weight's dtype first.
+    Host-side checks only (no device sync), so the call can be captured in a CUDA graph."""
+    if prologue not in PROLOGUES:
+        raise ValueError(f"prologue must be one of {sorted(PROLOGUES)}, got {prologue!r}")
+    if weight.dim() != 2 or weight.stride(1) != 1:
+        raise ValueError(f"weight must be a 2-D (N, K) tensor contiguous in K, got shape {tuple(weight.shape)} "
+                         f"strides {weight.stride()}")
+    n, k = weight.shape
+    if x.dim() != 2 or x.stride(1) != 1:
+        raise ValueError(f"x must be a 2-D (M, K) tensor contiguous in K, got shape {tuple(x.shape)}")
+    m = x.shape[0]
+    if not 1 <= m <= MAX_ROWS:
+        raise ValueError(f"x must have 1..{MAX_ROWS} rows, got {m}")
+    want_k = 2 * k if prologue == "silu_mul" else k
+    if x.shape[1] != want_k:
+        raise ValueError(f"x has {x.shape[1]} columns; weight {tuple(weight.shape)} with prologue "
+                         f"{prologue!r} needs {want_k}")
+    if weight.dtype not in SUPPORTED_DTYPES or x.dtype != weight.dtype:
+        raise ValueError(f"x and weight must share one dtype of {SUPPORTED_DTYPES}, got {x.dtype}/{weight.dtype}")
+    if prologue == "rmsnorm" and (norm_weight is None or norm_weight.shape != (k,)):
+        raise ValueError(f"prologue 'rmsnorm' needs norm_weight of shape ({k},), got "
+                         f"{None if norm_weight is None else tuple(norm_weight.shape)}")
+    if bias is not None and bias.shape != (n,):
+        raise ValueError(f"bias must have shape ({n},), got {tuple(bias.shape)}")
+    if residual is not None and (residual.shape != (m, n) or residual.stride(1) != 1):
+        raise ValueError(f"residual must be ({m}, {n}) contiguous in its last dim, got {tuple(residual.shape)}")
+    if out is None:
+        out = torch.empty((m, n), dtype=out_dtype or weight.dtype, device=x.device)
+    tuning = tuning or choose_tuning(m, n, k, x.device)
+    block_m = row_class(m)
+    _small_linear_kernel[(triton.cdiv(n, tuning.block_n),)](
+        x, weight, out,
+        residual if residual is not None else out,
+        norm_weight if norm_weight is not None else weight,
+        bias if bias is not None else weight,
+        m, n, k, x.stride(0), weight.stride(0), out.stride(0),
+        residual.stride(0) if residual is not None else 0, eps,
+        PROLOGUE=PROLOGUES[prologue], HAS_BIAS=bias is not None, HAS_RES=residual is not None,
+        BLOCK_M=block_m, BLOCK_N=tuning.block_n, BLOCK_K=tuning.block_k,
+        INPUT_PRECISION="ieee" if weight.dtype == torch.float32 else "tf32",
+        DOT_UPCAST=interpreter_dot_upcast(weight.dtype), RNE=interpreter_rounds_bf16(),
+        num_warps=tuning.num_warps, num_stages=tuning.num_stages,
+    )
+    return out
+
+
+def small_linear_torch(x: torch.Tensor, weight: torch.Tensor, *, bias: torch.Tensor | None = None,
+                       residual: torch.Tensor | None = None, prologue: str = "none",
+                       norm_weight: torch.Tensor | None = None, eps: float = 1e-6,
+                       out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The same function from the model's eager torch ops: the reference for tests."""
+    import torch.nn.functional as F
+
+    if prologue == "rmsnorm":
+        xf = x.float()
+        a = norm_weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    elif prologue == "silu_mul":
+        gate, up = x.split(weight.shape[1], dim=-1)
+        a = F.silu(gate) * up
+    else:
+        a = x
+    y = F.linear(a, weight, bias)
+    if residual is not None:
+        y = residual + y
+    return y.to(out_dtype or weight.dtype)
+
+
+__all__ = ["MAX_ROWS", "LinearTuning", "choose_tuning", "interpreter_rounds_bf16", "round_to", "small_linear",
+           "small_linear_torch"]

@@ -1,0 +1,108 @@
+"""`small_linear` (the fused decode-step linear) computes what the model's eager torch ops compute.
+
+Run on CPU under TRITON_INTERPRET=1 (conftest.py), tiny shapes with ragged tails (N and K not
+multiples of the launch blocks). The reference is `small_linear_torch`: the same RMSNorm /
+SiLU*mul / bias / residual ops as the model layers, rounding after each op in the model dtype.
+fp32 must agree to summation order; bf16 to at most one ulp on a few elements (the two sum
+the same products in a different order before the one rounding to bf16)."""
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+
+@pytest.fixture(scope="module")
+def sl():
+    from triton.runtime.interpreter import InterpretedFunction
+
+    from runtime_lib.kernels import small_linear
+
+    if not isinstance(small_linear._small_linear_kernel, InterpretedFunction):
+        small_linear = importlib.reload(small_linear)
+    return small_linear
+
+
+def make_inputs(m: int, n: int, k: int, prologue: str, dtype: torch.dtype, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    xk = 2 * k if prologue == "silu_mul" else k
+    x = torch.randn(m, xk, generator=g).to(dtype)
+    w = (torch.randn(n, k, generator=g) / k ** 0.5).to(dtype)
+    return dict(
+        x=x, weight=w,
+        norm_weight=(torch.rand(k, generator=g) + 0.5).to(dtype) if prologue == "rmsnorm" else None,
+        bias=torch.randn(n, generator=g).to(dtype),
+        residual=torch.randn(m, n, generator=g).to(dtype),
+    )
+
+
+def assert_matches(got: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> None:
+    assert got.shape == ref.shape and got.dtype == ref.dtype
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+        return
+    ulp = torch.finfo(dtype).eps * ref.float().abs().clamp_min(1e-3)
+    diff = (got.float() - ref.float()).abs()
+    assert (diff <= ulp * 1.01).all(), f"max diff {diff.max().item()} exceeds one ulp"
+    assert (diff > 0).float().mean().item() <= 0.05, "more than 5% of the elements differ"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("m", [1, 3, 16])
+@pytest.mark.parametrize("prologue", ["none", "rmsnorm", "silu_mul"])
+@pytest.mark.parametrize("epilogue", ["plain", "bias", "residual"])
+def test_matches_the_eager_ops(sl, dtype, m, prologue, epilogue):
+    n, k = 40, 100  # tails at both launch blocks below
+    t = make_inputs(m, n, k, prologue, dtype, seed=m)
+    kw = dict(prologue=prologue, norm_weight=t["norm_weight"], eps=1e-5,
+              bias=t["bias"] if epilogue == "bias" else None,
+              residual=t["residual"] if epilogue == "residual" else None)
+    got = sl.small_linear(t["x"], t["weight"], tuning=sl.LinearTuning(block_n=16, block_k=32), **kw)
+    assert_matches(got, sl.small_linear_torch(t["x"], t["weight"], **kw), dtype)
+
+
+def test_bf16_rounding_is_round_to_nearest_even_like_torch(sl):
+    # The interpreter truncates fp32 -> bf16; the kernel must still round like the GPU (and torch).
+    t = make_inputs(2, 24, 64, "none", torch.bfloat16, seed=5)
+    got = sl.small_linear(t["x"], t["weight"], tuning=sl.LinearTuning(block_n=8, block_k=64))
+    exact = (t["x"].double() @ t["weight"].double().T).to(torch.bfloat16)
+    assert torch.equal(got, exact)
+
+
+def test_logits_in_fp32_and_strided_rows(sl):
+    t = make_inputs(4, 50, 32, "rmsnorm", torch.bfloat16, seed=2)
+    wide = torch.randn(4, 48).to(torch.bfloat16)
+    wide[:, 8:40] = t["x"]
+    x = wide[:, 8:40]  # row stride 48 > K
+    got = sl.small_linear(x, t["weight"], prologue="rmsnorm", norm_weight=t["norm_weight"],
+                          out_dtype=torch.float32, tuning=sl.LinearTuning(block_n=16, block_k=16))
+    ref = sl.small_linear_torch(t["x"], t["weight"], prologue="rmsnorm", norm_weight=t["norm_weight"],
+                                out_dtype=torch.float32)
+    assert got.dtype == torch.float32
+    assert_matches(got.to(torch.bfloat16), ref.to(torch.bfloat16), torch.bfloat16)
+
+
+def test_default_launch_shape_covers_every_column(sl):
+    t = make_inputs(1, 300, 70, "none", torch.float32)
+    got = sl.small_linear(t["x"], t["weight"])  # heuristic tuning on CPU
+    torch.testing.assert_close(got, t["x"] @ t["weight"].T, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda sl, x, w: sl.small_linear(x, w, prologue="gelu"), "prologue must be one of"),
+    (lambda sl, x, w: sl.small_linear(torch.zeros(17, 8), w), "1..16 rows"),
+    (lambda sl, x, w: sl.small_linear(torch.zeros(2, 9), w), "needs 8"),
+    (lambda sl, x, w: sl.small_linear(x, w, prologue="silu_mul"), "needs 16"),
+    (lambda sl, x, w: sl.small_linear(x, w, prologue="rmsnorm"), "norm_weight of shape (8,)"),
+    (lambda sl, x, w: sl.small_linear(x.double(), w.double()), "share one dtype"),
+    (lambda sl, x, w: sl.small_linear(x, w.t()), "contiguous in K"),
+    (lambda sl, x, w: sl.small_linear(x, w, residual=torch.zeros(2, 5)), "residual must be (2, 8)"),
+    (lambda sl, x, w: sl.small_linear(x, w, bias=torch.zeros(3)), "bias must have shape (8,)"),
+])
+def test_rejects_bad_inputs_naming_the_field(sl, call, message):
+    x, w = torch.zeros(2, 8), torch.zeros(8, 8)
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")):
+        call(sl, x, w)
