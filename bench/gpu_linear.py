@@ -79,8 +79,8 @@ def candidates(m_class: int, quick: bool) -> list:
     from runtime_lib.kernels.small_linear import LinearTuning
 
     if m_class == 1:
-        grid = itertools.product([4, 8, 16, 32] if not quick else [8, 16], [256, 512, 1024] if not quick else [512],
-                                 [4, 8], [1, 3] if not quick else [3])
+        grid = itertools.product([1, 2, 4, 8] if not quick else [4], [512, 1024, 2048] if not quick else [1024],
+                                 [4, 8], [1, 3] if not quick else [1])
     else:
         grid = itertools.product([16, 32, 64], [64, 128, 256] if not quick else [128], [4], [3, 4])
     return [LinearTuning(bn, bk, w, s) for bn, bk, w, s in grid if bn * bk <= 8192 * w // 4 or m_class > 1]

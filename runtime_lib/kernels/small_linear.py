@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -132,16 +133,23 @@ class LinearTuning:
     num_stages: int = 3
 
 
-def _tuning_table_path() -> Path:
-    return Path(os.environ.get("RUNTIME_LIB_SMALL_LINEAR_TABLE")
-                or Path(__file__).with_name("small_linear_tuning.json"))
+SHIPPED_TUNING = Path(__file__).with_name("small_linear_tuning.json")
+TUNING_ENV = "RUNTIME_LIB_SMALL_LINEAR_TABLE"  # a table from bench/gpu_linear.py, searched first
 
 
 @functools.cache
 def _tuning_table(path: str) -> dict[str, dict[str, dict[str, int]]]:
-    """{device name: {"m,n,k": {block_n, block_k, num_warps, num_stages}}}; {} when absent."""
+    """{device name: {"rows,n,k": {block_n, block_k, num_warps, num_stages}}}; {} when absent."""
     p = Path(path)
     return json.loads(p.read_text()) if p.is_file() else {}
+
+
+def tuned(device_name: str, key: str) -> LinearTuning | None:
+    for path in (os.environ.get(TUNING_ENV), SHIPPED_TUNING):
+        entry = _tuning_table(str(path)).get(device_name, {}).get(key) if path else None
+        if entry:
+            return LinearTuning(**entry)
+    return None
 
 
 def row_class(num_rows: int) -> int:
@@ -155,21 +163,19 @@ def _device_name(index: int) -> str:
 
 
 def choose_tuning(num_rows: int, n: int, k: int, device: torch.device) -> LinearTuning:
-    """The tuned launch shape for this device and matrix, else a heuristic: enough programs to
-    put ~4 on every SM (a GEMV is only as fast as the loads it keeps in flight), each streaming
-    whole rows of the weight in BLOCK_K chunks."""
+    """The tuned launch shape for this device and matrix, else a heuristic. One row: 4 weight
+    rows per program, so there are many programs per SM and their loads, not the one program's
+    dependency chain, keep HBM busy. Several rows: 16-row x 64-column tensor-core tiles."""
     m = row_class(num_rows)
     if device.type == "cuda":
         index = device.index if device.index is not None else torch.cuda.current_device()
-        entry = _tuning_table(str(_tuning_table_path())).get(_device_name(index), {}).get(f"{m},{n},{k}")
-        if entry:
-            return LinearTuning(**entry)
-    if m == 1:
-        block_n = 16
-        while block_n > 2 and triton.cdiv(n, block_n) < 4 * device_parallelism(device):
-            block_n //= 2
-        return LinearTuning(block_n=block_n, block_k=512, num_warps=4, num_stages=3)
-    return LinearTuning(block_n=32, block_k=128, num_warps=4, num_stages=4)
+        found = tuned(_device_name(index), f"{m},{n},{k}")
+        if found is not None:
+            return found
+    if m == 1:  # the best shape for every Llama matrix on an H100 (bench/gpu_linear.py)
+        return LinearTuning(block_n=4, block_k=min(1024, triton.next_power_of_2(k)), num_warps=4, num_stages=1)
+    block_n = 64 if triton.cdiv(n, 64) >= device_parallelism(device) else 32
+    return LinearTuning(block_n=block_n, block_k=256, num_warps=4, num_stages=3)
 
 
 def small_linear(x: torch.Tensor, weight: torch.Tensor, *, bias: torch.Tensor | None = None,
@@ -209,6 +215,12 @@ def small_linear(x: torch.Tensor, weight: torch.Tensor, *, bias: torch.Tensor | 
         raise ValueError(f"residual must be ({m}, {n}) contiguous in its last dim, got {tuple(residual.shape)}")
     if out is None:
         out = torch.empty((m, n), dtype=out_dtype or weight.dtype, device=x.device)
+    if prologue == "silu_mul" and m > 1:
+        # The tensor-core path keeps its weight loads pipelined only when the activation tile
+        # is a plain load; an in-loop SiLU*mul stalls it (~3.5x slower on an H100), so
+        # several rows compute the activation with torch first.
+        gate, up = x.split(k, dim=-1)
+        x, prologue = F.silu(gate) * up, "none"
     tuning = tuning or choose_tuning(m, n, k, x.device)
     block_m = row_class(m)
     _small_linear_kernel[(triton.cdiv(n, tuning.block_n),)](
@@ -232,8 +244,6 @@ def small_linear_torch(x: torch.Tensor, weight: torch.Tensor, *, bias: torch.Ten
                        norm_weight: torch.Tensor | None = None, eps: float = 1e-6,
                        out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """The same function from the model's eager torch ops: the reference for tests."""
-    import torch.nn.functional as F
-
     if prologue == "rmsnorm":
         xf = x.float()
         a = norm_weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
