@@ -13,9 +13,12 @@ adds: ~5 launches per layer) and cuBLAS's split-K reduce launches. Here each GEM
 
 Every program recomputes its prologue from x (a few KB that stay in L2) instead of a launch
 writing `a` to HBM; one program owns BLOCK_N whole output columns, so there is no split-K reduce.
-Rounding follows the unfused torch ops in the model dtype (each op rounds its result to bf16 /
-fp16 as eager torch does), so the fused layer computes what the eager one does up to summation
-order and the last bit of exp / rsqrt.
+Rounding: the RMSNorm is applied as a per-row scale after the dot product (the rows' sums of
+squares accumulate in the same pass over x, so x is read once and no pass over it delays the
+weight stream), which skips eager torch's two bf16 roundings of the normalised activation:
+closer to the exact value, not bit-equal to eager bf16. SiLU*mul, the output and the residual
+add round to the model dtype where eager torch does. In fp32 the fused layer equals the eager
+one up to summation order.
 
 One row (M == 1) runs a pure GEMV (multiply-accumulate in registers); 2..16 rows multiply a
 16-row tile on the tensor cores (the padding rows cost arithmetic, which a memory-bound step has
@@ -75,14 +78,8 @@ def _small_linear_kernel(
     x_rows = x_ptr + offs_m[:, None] * stride_xm                                   # (BM, 1)
     w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn                       # (BN, 1)
 
-    if PROLOGUE == 1:  # RMSNorm statistics of each row, in fp32
-        ss = tl.zeros([BLOCK_M], dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            offs_k = k0 + offs_k0
-            xk = tl.load(x_rows + offs_k[None, :], mask=m_mask[:, None] & (offs_k < K)[None, :],
-                         other=0.0).to(tl.float32)
-            ss += tl.sum(xk * xk, axis=1)
-        rstd = tl.rsqrt(ss / K + eps)                                              # (BM,)
+    if PROLOGUE == 1:
+        ss = tl.zeros([BLOCK_M], dtype=tl.float32)   # each row's sum of squares, in the same pass
 
     if BLOCK_M == 1:
         acc2 = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
@@ -101,9 +98,12 @@ def _small_linear_kernel(
         else:
             a = tl.load(x_rows + offs_k[None, :], mask=a_mask, other=0.0)
             if PROLOGUE == 1:
+                # RMSNorm is a per-row scale: sum w * (norm_w * x) now, multiply by rsqrt(mean
+                # x^2) at the end, so x is read once and no pass over it precedes the weights.
+                af = a.to(tl.float32)
+                ss += tl.sum(af * af, axis=1)
                 nw = tl.load(norm_w_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)
-                a = round_to(a.to(tl.float32) * rstd[:, None], dt, RNE)
-                a = round_to(a * nw[None, :], dt, RNE).to(dt)
+                a = af * nw[None, :]
         if BLOCK_M == 1:
             acc2 += w.to(tl.float32) * a.to(tl.float32)                            # (BN, BK)
         else:
@@ -113,6 +113,8 @@ def _small_linear_kernel(
         y = tl.sum(acc2, axis=1)[None, :]                                          # (1, BN)
     else:
         y = acc
+    if PROLOGUE == 1:
+        y = y * tl.rsqrt(ss / K + eps)[:, None]
     if HAS_BIAS:
         y = y + tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     y = round_to(y, dt, RNE)                                                       # the linear's output

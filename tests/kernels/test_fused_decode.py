@@ -76,7 +76,8 @@ def test_fused_step_in_bf16_stays_within_rounding_of_the_eager_step(fused, llama
     assert got.dtype == torch.float32 and got.shape == expected.shape
     rel = ((got - expected).norm() / expected.norm()).item()
     assert rel < 2e-2, rel
-    assert torch.equal(kv[0], eager_kv[0]) or ((kv.float() - eager_kv.float()).abs().max() < 0.05)
+    kv_rel = ((kv.float() - eager_kv.float()).norm() / eager_kv.float().norm()).item()
+    assert kv_rel < 1e-2, kv_rel
 
 
 def test_dispatch_takes_the_fallback_past_16_rows_and_for_prefill(fused, llama_dir):

@@ -4,7 +4,8 @@ Run on CPU under TRITON_INTERPRET=1 (conftest.py), tiny shapes with ragged tails
 multiples of the launch blocks). The reference is `small_linear_torch`: the same RMSNorm /
 SiLU*mul / bias / residual ops as the model layers, rounding after each op in the model dtype.
 fp32 must agree to summation order; bf16 to at most one ulp on a few elements (the two sum
-the same products in a different order before the one rounding to bf16)."""
+the same products in a different order before the one rounding to bf16), except the RMSNorm
+prologue, which rounds at other points and must be about as close to the exact value."""
 from __future__ import annotations
 
 import importlib
@@ -61,7 +62,18 @@ def test_matches_the_eager_ops(sl, dtype, m, prologue, epilogue):
               bias=t["bias"] if epilogue == "bias" else None,
               residual=t["residual"] if epilogue == "residual" else None)
     got = sl.small_linear(t["x"], t["weight"], tuning=sl.LinearTuning(block_n=16, block_k=32), **kw)
-    assert_matches(got, sl.small_linear_torch(t["x"], t["weight"], **kw), dtype)
+    eager = sl.small_linear_torch(t["x"], t["weight"], **kw)
+    if prologue == "rmsnorm" and dtype != torch.float32:
+        # The norm is a scale after the dot product (other rounding points than eager bf16):
+        # within the same error of the exact result as eager bf16.
+        exact = sl.small_linear_torch(t["x"].double(), t["weight"].double(), **{
+            key: (v.double() if isinstance(v, torch.Tensor) else v) for key, v in kw.items()})
+
+        def err(y):
+            return ((y.double() - exact).norm() / exact.norm()).item()
+        assert got.dtype == eager.dtype and err(got) <= 1.5 * err(eager) + 1e-4, (err(got), err(eager))
+        return
+    assert_matches(got, eager, dtype)
 
 
 def test_bf16_rounding_is_round_to_nearest_even_like_torch(sl):
@@ -79,10 +91,10 @@ def test_logits_in_fp32_and_strided_rows(sl):
     x = wide[:, 8:40]  # row stride 48 > K
     got = sl.small_linear(x, t["weight"], prologue="rmsnorm", norm_weight=t["norm_weight"],
                           out_dtype=torch.float32, tuning=sl.LinearTuning(block_n=16, block_k=16))
-    ref = sl.small_linear_torch(t["x"], t["weight"], prologue="rmsnorm", norm_weight=t["norm_weight"],
-                                out_dtype=torch.float32)
+    ref = sl.small_linear_torch(t["x"].float(), t["weight"].float(), prologue="rmsnorm",
+                                norm_weight=t["norm_weight"].float())
     assert got.dtype == torch.float32
-    assert_matches(got.to(torch.bfloat16), ref.to(torch.bfloat16), torch.bfloat16)
+    torch.testing.assert_close(got, ref.to(torch.bfloat16).float(), rtol=1e-2, atol=1e-2)
 
 
 def test_default_launch_shape_covers_every_column(sl):
