@@ -9,10 +9,8 @@ shuffled slots spread over several blocks, and starts from a cache full of a sen
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import types
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 import torch
@@ -209,28 +207,3 @@ def test_validation_errors_name_the_field(rope_kv):
     expect(r"sin_cache must be \(max_positions, head_size/2=8\) float32", sin_cache=case.sin[:, :4])
     expect(r"out must be \(5, 4, 16\) torch.float32", out=torch.zeros(5, 4, 16, dtype=torch.float16))
     expect(r"out must be \(5, 4, 16\) torch.float32", out=torch.zeros(5, 2, 16))
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("T", [1, 16])
-def test_compiled_kernel_on_cuda_equals_torch_path(monkeypatch, T):
-    """The compiled kernel (not the interpreter this directory's conftest selects), bf16, exact.
-    A fresh copy of the module is loaded with TRITON_INTERPRET=0 so the interpreted one stays."""
-    import runtime_lib.kernels.rope_kv as interpreted
-
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
-    spec = importlib.util.spec_from_file_location("runtime_lib.kernels._rope_kv_compiled",
-                                                  Path(interpreted.__file__))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    from triton.runtime.interpreter import InterpretedFunction
-    assert not isinstance(mod._rope_kv_kernel, InterpretedFunction)
-
-    case = make_case(T=T, num_heads=32, num_kv_heads=8, head_size=128, dtype=torch.bfloat16,
-                     block_size=16, num_blocks=4, max_positions=4096, seed=T, device="cuda")
-    q, kv, q_ref, kv_ref = run_both(mod, case)
-    torch.cuda.synchronize()
-    assert torch.equal(q, q_ref)
-    assert torch.equal(kv, kv_ref)
-    assert_untouched_outside(kv, case.slots)

@@ -1,0 +1,69 @@
+"""The fused decode kernels compiled for the GPU (the CPU suite runs them interpreted, in
+tests/kernels/): bit-exact RoPE + KV write, small_linear against the eager ops, and greedy
+generation through the fused step equal to generation without it."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from runtime_lib.layers.attention import write_kv
+from runtime_lib.layers.rotary import RotaryEmbedding, apply_rotary
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+
+@pytest.mark.parametrize("T", [1, 16])
+def test_rope_kv_write_equals_the_eager_ops_bit_for_bit(T):
+    from runtime_lib.kernels.rope_kv import rope_kv_write
+
+    h, kvh, d, bs, nb = 32, 8, 128, 16, 8
+    g = torch.Generator(device="cuda").manual_seed(T)
+    rotary = RotaryEmbedding(d, 4096, 500000.0, {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                 "high_freq_factor": 4.0,
+                                                 "original_max_position_embeddings": 8192}).cuda()
+    qkv = torch.randn(T, (h + 2 * kvh) * d, device="cuda", generator=g).to(torch.bfloat16)
+    positions = torch.randint(0, 4096, (T,), device="cuda", generator=g)
+    slots = torch.randperm(nb * bs, device="cuda", generator=g)[:T]
+    kv, kv_ref = (torch.full((2, nb, bs, kvh, d), 7.0, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    q = rope_kv_write(qkv, positions, rotary.cos_cache, rotary.sin_cache, kv, slots, h, kvh)
+    q_ref, k_ref, v_ref = qkv.split([h * d, kvh * d, kvh * d], dim=-1)
+    cos, sin = rotary.cos_cache[positions].to(qkv.dtype), rotary.sin_cache[positions].to(qkv.dtype)
+    q_ref = apply_rotary(q_ref.reshape(T, h, d), cos, sin)
+    write_kv(kv_ref, apply_rotary(k_ref.reshape(T, kvh, d), cos, sin), v_ref.reshape(T, kvh, d), slots)
+    assert torch.equal(q, q_ref)
+    assert torch.equal(kv, kv_ref)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 16])
+@pytest.mark.parametrize("prologue", ["none", "rmsnorm", "silu_mul"])
+def test_small_linear_matches_the_eager_ops(rows, prologue):
+    from runtime_lib.kernels.small_linear import small_linear, small_linear_torch
+
+    n, k = 1000, 2048
+    g = torch.Generator(device="cuda").manual_seed(rows)
+    x = torch.randn(rows, 2 * k if prologue == "silu_mul" else k, device="cuda", generator=g).to(torch.bfloat16)
+    w = (torch.randn(n, k, device="cuda", generator=g) / k ** 0.5).to(torch.bfloat16)
+    kw = dict(prologue=prologue, residual=torch.randn(rows, n, device="cuda", generator=g).to(torch.bfloat16),
+              norm_weight=(torch.rand(k, device="cuda", generator=g) + 0.5).to(torch.bfloat16)
+              if prologue == "rmsnorm" else None)
+    got = small_linear(x, w, **kw).float()
+    exact = small_linear_torch(x.double(), w.double(), **{key: v.double() if isinstance(v, torch.Tensor) else v
+                                                          for key, v in kw.items()})
+    eager = small_linear_torch(x, w, **kw).float()
+    err_got = ((got - exact).norm() / exact.norm()).item()
+    err_eager = ((eager - exact).norm() / exact.norm()).item()
+    assert err_got <= 1.5 * err_eager + 1e-4, (err_got, err_eager)
+
+
+def test_greedy_generation_through_the_fused_step_equals_the_eager_step_fp32(llama_dir):
+    from runtime_lib.model_runner import ModelRunner
+
+    prompts = [torch.tensor(p) for p in ([1, 17, 42, 99, 250, 7], [1, 300, 5, 5, 8, 120, 64, 33, 390], [1, 2, 3])]
+    runner = ModelRunner.from_dir(llama_dir, device="cuda", dtype="float32")
+    assert runner.session.runtime.fused_decode
+    fused = runner.generate(prompts, max_new_tokens=24, end_id=2, pad_id=3)
+    assert runner.session._graph_runner is not None and runner.session._graph_runner.num_replays > 0
+    runner.session.cuda_graphs = False
+    runner.session._graph_runner = None
+    runner.session.runtime.disable_cuda_graphs()
+    assert torch.equal(fused, runner.generate(prompts, max_new_tokens=24, end_id=2, pad_id=3))
