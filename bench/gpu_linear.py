@@ -76,20 +76,25 @@ def weight_copies(n: int, k: int) -> list[torch.Tensor]:
 
 
 def candidates(m_class: int, quick: bool) -> list:
-    from runtime_lib.kernels.small_linear import LinearTuning
+    """Launch shapes to try: GEMV classes (1..8 rows) keep the fp32 accumulator at <= 64
+    registers a thread; the 16-row tensor-core class tries tile widths and depths."""
+    from runtime_lib.kernels.small_linear import MAX_ROWS, LinearTuning
 
     if m_class == 1:
         grid = itertools.product([1, 2, 4, 8] if not quick else [4], [512, 1024, 2048] if not quick else [1024],
                                  [4, 8], [1, 3] if not quick else [1])
-    else:
-        grid = itertools.product([16, 32, 64], [64, 128, 256] if not quick else [128], [4], [3, 4])
-    return [LinearTuning(bn, bk, w, s) for bn, bk, w, s in grid if bn * bk <= 8192 * w // 4 or m_class > 1]
+        return [LinearTuning(bn, bk, w, s) for bn, bk, w, s in grid if bn * bk <= 2048 * w]
+    if m_class < MAX_ROWS:  # 8 warps won every one-row shape but one: search the tile only
+        grid = itertools.product([1, 2, 4], [512, 1024, 2048] if not quick else [1024], [8], [1, 3])
+        return [LinearTuning(bn, bk, w, s) for bn, bk, w, s in grid if m_class * bn * bk <= 2048 * w]
+    grid = itertools.product([16, 32, 64], [64, 128, 256] if not quick else [128], [4], [3, 4])
+    return [LinearTuning(bn, bk, w, s) for bn, bk, w, s in grid]
 
 
 def run(args) -> dict:
     import triton
 
-    from runtime_lib.kernels.small_linear import choose_tuning, small_linear, small_linear_torch
+    from runtime_lib.kernels.small_linear import choose_tuning, row_class, small_linear, small_linear_torch
 
     device_name = torch.cuda.get_device_name()
     report: dict = {"device": device_name, "torch": torch.__version__, "triton": triton.__version__,
@@ -121,7 +126,7 @@ def run(args) -> dict:
                                     for w in itertools.islice(itertools.cycle(weights), CALLS)])
             chain = graph_call_us([functools.partial(small_linear_torch, x, w, **kw)
                                    for w in itertools.islice(itertools.cycle(weights), CALLS)])
-            m_class = 1 if m == 1 else 16
+            m_class = row_class(m)
             best = None
             for tuning in candidates(m_class, args.quick):
                 try:
@@ -142,7 +147,7 @@ def run(args) -> dict:
                    "cublas_gbps": gbytes / cublas * 1e6, "fused_best_gbps": gbytes / best[0] * 1e6}
             report["rows"].append(row)
             key = f"{m_class},{n},{k}"
-            if m == 1 or m == args.tune_rows or key not in table:
+            if m == m_class or m == args.tune_rows or key not in table:
                 table[key] = vars(best[1])
             print(f"{name:12s} M={m:2d} {prologue:8s} cuBLAS {cublas:7.1f} us ({row['cublas_gbps']:5.0f} GB/s)  "
                   f"torch chain {chain:7.1f}  fused default {default_us:7.1f}  best {best[0]:7.1f} us "
@@ -174,8 +179,8 @@ def markdown(report: dict) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--rows", default="1,2,8,16", help="row counts to time")
-    ap.add_argument("--tune-rows", type=int, default=8, help="row count whose best shape goes in the 16-row class")
+    ap.add_argument("--rows", default="1,2,4,8,16", help="row counts to time")
+    ap.add_argument("--tune-rows", type=int, default=16, help="row count whose best shape its class keeps")
     ap.add_argument("--models", default="1b,8b")
     args = ap.parse_args()
     args.rows = [int(r) for r in args.rows.split(",")]

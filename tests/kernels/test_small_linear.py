@@ -52,7 +52,7 @@ def assert_matches(got: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> 
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("m", [1, 3, 16])
+@pytest.mark.parametrize("m", [1, 3, 8, 16])
 @pytest.mark.parametrize("prologue", ["none", "rmsnorm", "silu_mul"])
 @pytest.mark.parametrize("epilogue", ["plain", "bias", "residual"])
 def test_matches_the_eager_ops(sl, dtype, m, prologue, epilogue):

@@ -34,7 +34,7 @@ def test_rope_kv_write_equals_the_eager_ops_bit_for_bit(T):
     assert torch.equal(kv, kv_ref)
 
 
-@pytest.mark.parametrize("rows", [1, 2, 16])
+@pytest.mark.parametrize("rows", [1, 2, 3, 8, 16])
 @pytest.mark.parametrize("prologue", ["none", "rmsnorm", "silu_mul"])
 def test_small_linear_matches_the_eager_ops(rows, prologue):
     from runtime_lib.kernels.small_linear import small_linear, small_linear_torch
