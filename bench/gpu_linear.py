@@ -76,17 +76,14 @@ def weight_copies(n: int, k: int) -> list[torch.Tensor]:
 
 
 def candidates(m_class: int, quick: bool) -> list:
-    """Launch shapes to try: GEMV classes (1..8 rows) keep the fp32 accumulator at <= 64
-    registers a thread; the 16-row tensor-core class tries tile widths and depths."""
-    from runtime_lib.kernels.small_linear import MAX_ROWS, LinearTuning
+    """Launch shapes to try: the one-row GEMV keeps its fp32 accumulator at <= 64 registers a
+    thread; the 16-row tensor-core class tries tile widths and depths."""
+    from runtime_lib.kernels.small_linear import LinearTuning
 
     if m_class == 1:
         grid = itertools.product([1, 2, 4, 8] if not quick else [4], [512, 1024, 2048] if not quick else [1024],
                                  [4, 8], [1, 3] if not quick else [1])
         return [LinearTuning(bn, bk, w, s) for bn, bk, w, s in grid if bn * bk <= 2048 * w]
-    if m_class < MAX_ROWS:  # 8 warps won every one-row shape but one: search the tile only
-        grid = itertools.product([1, 2, 4], [512, 1024, 2048] if not quick else [1024], [8], [1, 3])
-        return [LinearTuning(bn, bk, w, s) for bn, bk, w, s in grid if m_class * bn * bk <= 2048 * w]
     grid = itertools.product([16, 32, 64], [64, 128, 256] if not quick else [128], [4], [3, 4])
     return [LinearTuning(bn, bk, w, s) for bn, bk, w, s in grid]
 

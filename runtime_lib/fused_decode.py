@@ -1,4 +1,4 @@
-"""Fused decode step for batches of up to 16 rows (Llama family on the GPU).
+"""Fused decode step for one row (batch-1 decode, Llama family on the GPU).
 
 At batch 1 the step is bound by streaming the weights once, and what keeps it from that bound
 is the number of launches between the matmuls. This forward runs each layer in five Triton
@@ -14,9 +14,10 @@ eagerly:
 
 and the logits are one more `small_linear` with the final norm fused in. Every kernel rounds like
 the eager layers (kernels/small_linear.py), so logits match the eager forward up to summation
-order. Larger batches are matmul-bound, not launch-bound: they take the `fallback` forward
-(the compiled or eager one). `Session.enable_cuda_graphs` wraps the decode forward with this
-when `Session.fused_decode` is on and `supports_fused_decode` holds.
+order. Larger batches take the `fallback` forward (the compiled or eager one): from two rows
+on, cuBLAS's tensor-core GEMMs beat these CUDA-core GEMVs. `Session.enable_cuda_graphs` wraps
+the decode forward with this when `Session.fused_decode` is on and the model is supported
+(`fused_decode_unsupported_reason`); RUNTIME_LIB_FUSED_DECODE=0 turns it off.
 """
 from __future__ import annotations
 
@@ -28,7 +29,9 @@ from torch import nn
 
 from .layers.attention import AttentionMetadata
 
-MAX_FUSED_ROWS = 16
+# One row only: at 2-16 rows this step was slower than cuBLAS + torch.compile on an H100
+# (bench/results/gpu_e2e-20261126-024029.md: ITL 7.6 ms at 2 streams against 6.6 ms).
+MAX_FUSED_ROWS = 1
 DISABLE_ENV = "RUNTIME_LIB_FUSED_DECODE"  # "0": always take the fallback forward
 
 
@@ -57,7 +60,7 @@ def fused_decode_unsupported_reason(model: nn.Module) -> str | None:
 def llama_fused_decode_forward(model: nn.Module, input_ids: torch.Tensor, positions: torch.Tensor,
                                kv_cache: torch.Tensor, meta: AttentionMetadata,
                                logits_indices: torch.Tensor) -> torch.Tensor:
-    """`LlamaForCausalLM.forward` + `compute_logits` for one token per row (B <= 16) through the
+    """`LlamaForCausalLM.forward` + `compute_logits` for one token per row through the
     fused kernels: input_ids/positions (B,), kv_cache (L, 2, nb, bs, kvh, d) -> logits (N, V) fp32."""
     from .kernels.paged_attention import paged_decode_attention
     from .kernels.rope_kv import rope_kv_write
@@ -85,7 +88,7 @@ def llama_fused_decode_forward(model: nn.Module, input_ids: torch.Tensor, positi
 
 
 def make_fused_decode_forward(model: nn.Module, fallback):
-    """A `DecodeForward`: the fused step for decode batches of <= 16 rows, `fallback` otherwise."""
+    """A `DecodeForward`: the fused step for one-row decode steps, `fallback` otherwise."""
     reason = fused_decode_unsupported_reason(model)
     if reason is not None:
         raise ValueError(f"fused decode does not support this model: {reason}")

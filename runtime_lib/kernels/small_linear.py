@@ -20,9 +20,11 @@ closer to the exact value, not bit-equal to eager bf16. SiLU*mul, the output and
 add round to the model dtype where eager torch does. In fp32 the fused layer equals the eager
 one up to summation order.
 
-Up to 8 rows run as GEMVs (multiply-accumulate in registers, each weight tile read once for all
-rows); 9..16 rows multiply a 16-row tile on the tensor cores (the padding rows cost arithmetic,
-which a memory-bound step has to spare). Launch shapes per device come from `bench/gpu_kernels.py --sections linear`.
+One row (M == 1) runs a pure GEMV (multiply-accumulate in registers); 2..16 rows multiply a
+16-row tile on the tensor cores (the padding rows cost arithmetic, which a memory-bound step has
+to spare). The decode step uses only the one-row form: from two rows on, cuBLAS plus
+torch.compile's fused elementwise kernels were faster on an H100 (bench/results/gpu_linear-*).
+Launch shapes per device: small_linear_tuning.json, written by `bench/gpu_linear.py`.
 """
 from __future__ import annotations
 
@@ -83,8 +85,6 @@ def _small_linear_kernel(
 
     if BLOCK_M == 1:
         acc2 = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-    elif BLOCK_M < 16:
-        acc3 = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K], dtype=tl.float32)
     else:
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
@@ -108,15 +108,11 @@ def _small_linear_kernel(
                 a = af * nw[None, :]
         if BLOCK_M == 1:
             acc2 += w.to(tl.float32) * a.to(tl.float32)                            # (BN, BK)
-        elif BLOCK_M < 16:
-            acc3 += w.to(tl.float32)[None, :, :] * a.to(tl.float32)[:, None, :]   # (BM, BN, BK)
         else:
             acc += mma(a.to(dt), tl.trans(w), INPUT_PRECISION, DOT_UPCAST)          # (BM, BN)
 
     if BLOCK_M == 1:
         y = tl.sum(acc2, axis=1)[None, :]                                          # (1, BN)
-    elif BLOCK_M < 16:
-        y = tl.sum(acc3, axis=2)                                                   # (BM, BN)
     else:
         y = acc
     if PROLOGUE == 1:
@@ -161,9 +157,9 @@ def tuned(device_name: str, key: str) -> LinearTuning | None:
 
 
 def row_class(num_rows: int) -> int:
-    """Rows are padded to 1, 2, 4 or 8 (CUDA-core multiply-accumulate, every weight element
-    read once for all rows) or 16 (the tensor-core tile)."""
-    return 1 if num_rows == 1 else min(MAX_ROWS, triton.next_power_of_2(num_rows))
+    """1 row runs the GEMV form; 2..16 rows share the 16-row tensor-core tile. (A CUDA-core
+    GEMV over 2..8 rows was 1.3-3x slower than cuBLAS on an H100: bench/results/gpu_linear-*.)"""
+    return 1 if num_rows == 1 else MAX_ROWS
 
 
 @functools.cache
@@ -183,9 +179,6 @@ def choose_tuning(num_rows: int, n: int, k: int, device: torch.device) -> Linear
             return found
     if m == 1:  # within ~5% of the best for every Llama matrix on an H100 (bench/gpu_linear.py)
         return LinearTuning(block_n=8, block_k=min(2048, triton.next_power_of_2(k)), num_warps=8, num_stages=3)
-    if m < MAX_ROWS:  # the same 16K-element accumulator, shared by the rows
-        return LinearTuning(block_n=max(1, 8 // m), block_k=min(2048, triton.next_power_of_2(k)), num_warps=8,
-                            num_stages=3)
     block_n = 64 if triton.cdiv(n, 64) >= device_parallelism(device) else 32
     return LinearTuning(block_n=block_n, block_k=256, num_warps=4, num_stages=3)
 
@@ -227,7 +220,7 @@ def small_linear(x: torch.Tensor, weight: torch.Tensor, *, bias: torch.Tensor | 
         raise ValueError(f"residual must be ({m}, {n}) contiguous in its last dim, got {tuple(residual.shape)}")
     if out is None:
         out = torch.empty((m, n), dtype=out_dtype or weight.dtype, device=x.device)
-    if prologue == "silu_mul" and row_class(m) == MAX_ROWS:
+    if prologue == "silu_mul" and m > 1:
         # The tensor-core path keeps its weight loads pipelined only when the activation tile
         # is a plain load; an in-loop SiLU*mul stalls it (~3.5x slower on an H100), so
         # several rows compute the activation with torch first.

@@ -80,7 +80,7 @@ def test_fused_step_in_bf16_stays_within_rounding_of_the_eager_step(fused, llama
     assert kv_rel < 1e-2, kv_rel
 
 
-def test_dispatch_takes_the_fallback_past_16_rows_and_for_prefill(fused, llama_dir):
+def test_dispatch_fuses_one_row_decode_steps_only(fused, llama_dir):
     model = load_model(llama_dir, dtype="float32")
     calls = []
 
@@ -90,13 +90,19 @@ def test_dispatch_takes_the_fallback_past_16_rows_and_for_prefill(fused, llama_d
 
     forward = fused.make_fused_decode_forward(model, fallback)
     kv = prefilled(model)
-    decode_step(model, kv, forward)
-    assert calls == []  # 3 decode rows: fused
-    inputs = build_step_inputs([StepRow([7, 8], len(PROMPTS[0]), tables()[0])], BLOCK_SIZE, "cpu")
-    with torch.no_grad():
-        forward(inputs["input_ids"], inputs["position_ids"], kv, Session._metadata({**inputs, "kv_cache": kv}),
-                inputs["logits_indices"])
-    assert calls == [2]  # a prefill chunk: not a decode step
+
+    def step(rows: list[StepRow]) -> None:
+        inputs = build_step_inputs(rows, BLOCK_SIZE, "cpu")
+        with torch.no_grad():
+            forward(inputs["input_ids"], inputs["position_ids"], kv, Session._metadata({**inputs, "kv_cache": kv}),
+                    inputs["logits_indices"])
+
+    step([StepRow([7], len(PROMPTS[0]), tables()[0])])
+    assert calls == []  # one decode row: fused
+    decode_step(model, kv, forward, extra=1)
+    assert calls == [3]  # three rows: the fallback (cuBLAS beats the GEMVs from two rows on)
+    step([StepRow([7, 8], len(PROMPTS[0]) + 2, tables()[0])])
+    assert calls == [3, 2]  # a prefill chunk: not a decode step
 
 
 def test_models_outside_the_llama_family_are_refused(fused, make_checkpoint):
