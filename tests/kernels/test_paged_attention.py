@@ -89,10 +89,16 @@ class TestDecode:
         case = make_case([1] * len(RAGGED), RAGGED, num_heads=8, num_kv_heads=2)
         assert_close(run_decode(kernels, case, partition_size=partition_size), case.reference(), torch.float32)
 
-    def test_more_partitions_than_one_reduction_chunk(self, kernels):
-        # 300 tokens / 16 per partition = 19 partitions: the reduction walks two chunks of 16.
+    def test_many_partitions_merge_in_one_launch_and_leave_the_arrival_counters_at_zero(self, kernels):
+        # 300 tokens / 16 per partition = 19 partitions; the last to arrive merges them and
+        # resets its counter, so the next launch (or graph replay) starts from zero.
+        import sys
+
+        arrivals = sys.modules[kernels.decode.__module__].arrival_counters
         case = make_case([1, 1], [300, 150], num_heads=4, num_kv_heads=4, block_size=32)
-        assert_close(run_decode(kernels, case, partition_size=16), case.reference(), torch.float32)
+        for _ in range(2):
+            assert_close(run_decode(kernels, case, partition_size=16), case.reference(), torch.float32)
+            assert not arrivals(case.q.device, 8).any()
 
     @pytest.mark.parametrize("block_size,head_size", [(16, 128), (32, 64), (64, 128)])
     def test_block_and_head_sizes(self, kernels, block_size, head_size):
