@@ -191,7 +191,9 @@ class Session:
         model whose step cannot be captured, or RUNTIME_LIB_CUDA_GRAPHS=0. Prefill and mixed
         steps of up to `prefill_graph_max_tokens` tokens get a `PrefillGraphRunner` beside it
         (`max_batch_size` sequences per step; RUNTIME_LIB_PREFILL_GRAPHS=0 turns it off), alive
-        as long as the decode runner is."""
+        as long as the decode runner is. One-row decode steps of supported models run the fused
+        Triton step (`fused_decode.py`) while `fused_decode` is on (RUNTIME_LIB_FUSED_DECODE=0:
+        off); larger ones the compiled (`compile`) or eager forward."""
         from .cuda_graph import (
             DecodeGraphRunner,
             cuda_graphs_disabled_by_env,
