@@ -23,6 +23,7 @@ from runtime_lib.sampling_ops import (
     apply_frequency_presence_penalty,
     apply_no_repeat_ngram,
     apply_repetition_penalty,
+    argmax_rows,
     filter_sorted,
     gumbel_noise,
     to_int64_seed,
@@ -340,14 +341,14 @@ def sample(logits: torch.Tensor, st: SamplingTensors, *, prompt_ids: TokenIds | 
         x = apply_no_repeat_ngram(x, history, n, rows)
 
     if st.all_greedy:
-        tokens = x.argmax(dim=-1)
+        tokens = argmax_rows(x)
     else:
         rows = st.sample_rows
         xs = x if rows is None else x.index_select(0, rows)  # (S, V)
         sel = (lambda v: v) if rows is None else (lambda v: v.index_select(0, rows))
         sampled = _sample_rows(xs, st, sel(st.temperature), sel(st.top_k), sel(st.top_p),
                                sel(st.log_min_p), sel(st.seeds), sel(steps_t))
-        tokens = sampled if rows is None else x.argmax(dim=-1).index_copy_(0, rows, sampled)
+        tokens = sampled if rows is None else argmax_rows(x).index_copy_(0, rows, sampled)
     logprobs = None
     if st.any_logprobs:
         logprobs = torch.log_softmax(logits.float(), dim=-1).gather(1, tokens[:, None]).squeeze(1)
