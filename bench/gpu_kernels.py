@@ -88,6 +88,7 @@ class Report:
     decode: list[DecodeRow] = field(default_factory=list)
     prefill: list[PrefillRow] = field(default_factory=list)
     sweep: list[dict] = field(default_factory=list)
+    graph_bound: list[dict] = field(default_factory=list)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -287,6 +288,39 @@ def run_decode_bench(report: Report, batches: list[int], contexts: list[int]) ->
                   f"({row.pct_of_copy_bw:4.1f}% copy)  err {row.max_abs_err_vs_torch:.1e}")
 
 
+def run_graph_bound_bench(report: Report, bound: int = 131072) -> None:
+    """Decode inside a graph captured for `bound` tokens (a 128k-context model served with its
+    default max_seq_len): the partition count is fixed by the bound. Each row now spreads its own
+    context over it ("adaptive"); before, every slice had the bound's size ("fixed")."""
+    from runtime_lib.kernels.paged_attention import (
+        choose_partition_size,
+        device_parallelism,
+        paged_decode_attention,
+    )
+
+    print(f"\ndecode in a graph bound to {bound} tokens: µs per call (graph replay)")
+    for B in (1, 8):
+        for ctx in (256, 2048, 8192, 32768):
+            b = make_paged_batch([1] * B, [ctx] * B)
+            m = b.meta
+            out = torch.empty_like(b.q)
+            fixed = choose_partition_size(B, NUM_KV_HEADS, bound, device_parallelism(b.q.device), 64)
+            times = {}
+            for name, kw in (("adaptive", {}), ("fixed", {"partition_size": fixed})):
+                call = functools.partial(paged_decode_attention, b.q, b.kv, m.block_tables, m.context_lens, b.scale,
+                                         None, bound, out=out, **kw)
+                call()
+                err = (out.float() - reference(b).float()).abs().max().item()
+                report.checks.append(Check(f"decode graph-bound {name} B={B} ctx={ctx}", err, TOL[torch.bfloat16],
+                                           err <= TOL[torch.bfloat16]))
+                times[name] = graph_us(call)
+            report.graph_bound.append({"batch": B, "context": ctx, "bound": bound, "fixed_partition": fixed,
+                                       "adaptive_us": times["adaptive"], "fixed_us": times["fixed"]})
+            print(f"  B={B:2d} ctx={ctx:6d}  adaptive {times['adaptive']:8.1f}  fixed ({fixed}-token slices) "
+                  f"{times['fixed']:8.1f}  {times['fixed'] / times['adaptive']:.2f}x")
+            torch.cuda.empty_cache()
+
+
 def prefill_row(name: str, qlens: list[int], clens: list[int], split_decode: bool) -> PrefillRow:
     """Time one varlen step against gather+SDPA and, for equal fresh prompts, dense flash SDPA."""
     from runtime_lib.kernels.varlen_attention import paged_varlen_attention
@@ -419,6 +453,11 @@ def markdown(report: Report) -> str:
         sdpa = f"{r.sdpa_contiguous_us:.1f}" if r.sdpa_contiguous_us else "n/a"
         lines.append(f"| {r.case} | {r.tokens} | {r.triton_us:.1f} | {r.triton_graph_us:.1f} | {r.triton_tflops:.1f} "
                      f"| {r.triton_host_us:.1f} | {r.torch_paged_us:.1f} | {sdpa} |")
+    if report.graph_bound:
+        lines += ["", "## Decode in a graph captured for a 128k-token bound — µs per call (graph replay)", "",
+                  "| batch | context | adaptive slices | fixed slices (size) | fixed / adaptive |", "|---|---|---|---|---|"]
+        lines += [f"| {r['batch']} | {r['context']} | {r['adaptive_us']:.1f} | {r['fixed_us']:.1f} ({r['fixed_partition']}) "
+                  f"| {r['fixed_us'] / r['adaptive_us']:.2f}x |" for r in report.graph_bound]
     if report.sweep:
         lines += ["", "## Launch sweeps: top configs by geometric-mean slowdown vs each shape's best", ""]
         for s in report.sweep:
@@ -433,7 +472,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer shapes")
     parser.add_argument("--sections", default="checks,decode,prefill",
-                        help="comma list of checks,decode,prefill,sweep (sweep: launch-parameter search)")
+                        help="comma list of checks,decode,prefill,sweep,graphbound (sweep: launch-parameter "
+                             "search; graphbound: decode in a graph captured for 128k tokens)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("gpu_kernels: no CUDA device, skipping")
@@ -460,6 +500,8 @@ def main() -> int:
         run_prefill_bench(report, args.quick)
     if "sweep" in sections:
         run_sweep(report)
+    if "graphbound" in sections:
+        run_graph_bound_bench(report)
 
     out_dir = Path(os.environ["OUT"]) if os.environ.get("OUT") else Path(__file__).resolve().parent / "results"
     out_dir.mkdir(parents=True, exist_ok=True)

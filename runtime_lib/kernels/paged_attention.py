@@ -12,8 +12,10 @@ Cache layout (see runtime_lib/layers/attention.py):
 Context position p of sequence b is slot `p % block_size` of block `block_tables[b, p // block_size]`.
 
 No host<->device syncs: the partition count comes from the host int `max_context_len` (under
-CUDA graphs, pass the capture-time bound, e.g. the engine's max sequence length; programs
-past a sequence's own length exit at once).
+CUDA graphs, pass the capture-time bound, e.g. the engine's max sequence length), and each row
+spreads its own context over those partitions (at least 128 tokens a slice), so a short row in
+a graph captured for 128k tokens runs 1-2 slices and a long one runs them all; programs past a
+row's last slice exit at once.
 """
 from __future__ import annotations
 
@@ -92,7 +94,7 @@ def _decode_partition_kernel(
     num_heads, num_kv_heads, num_partitions,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr,
     HEAD_SIZE: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, PARTITION_SIZE: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, MIN_PARTITION: tl.constexpr,
     USE_PARTITIONS: tl.constexpr, HAS_WINDOW: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     DOT_UPCAST: tl.constexpr, MIXED: tl.constexpr,
 ):
@@ -109,7 +111,11 @@ def _decode_partition_kernel(
     else:
         q_row = seq
     ctx = tl.load(context_lens_ptr + seq)
-    part_start = part * PARTITION_SIZE
+    # The grid's partition count is fixed (by the host's max_context_len, a graph's capture
+    # bound); each row spreads its own context over it, at least MIN_PARTITION tokens a slice,
+    # so a short row in a long-context graph keeps few slices and a long one uses them all.
+    part_size = tl.maximum(MIN_PARTITION, tl.cdiv(tl.cdiv(ctx, num_partitions), BLOCK_N) * BLOCK_N)
+    part_start = part * part_size
     offs_g = tl.arange(0, BLOCK_G)
     offs_d = tl.arange(0, BLOCK_D)
     g_mask = offs_g < GROUP
@@ -126,7 +132,7 @@ def _decode_partition_kernel(
     lo = part_start
     if HAS_WINDOW:
         lo = tl.maximum(lo, ctx - window)  # the token sees positions (ctx-1-window, ctx-1]
-    hi = tl.minimum(part_start + PARTITION_SIZE, ctx)
+    hi = tl.minimum(part_start + part_size, ctx)
 
     q = tl.load(q_ptr + q_row * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
                 mask=g_mask[:, None] & d_mask[None, :], other=0.0)             # (BLOCK_G, BLOCK_D)
@@ -163,7 +169,7 @@ def _decode_partition_kernel(
         # (acq_rel) arrival, and the merging program acquires it before reading the partials.
         tl.debug_barrier()
         counter = arrivals_ptr + seq * num_kv_heads + kv_head
-        num_parts = tl.cdiv(ctx, PARTITION_SIZE)  # the partitions that run (the rest exited above)
+        num_parts = tl.cdiv(ctx, part_size)  # the partitions that run (the rest exited above)
         if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == num_parts - 1:
             tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")  # ready for the next launch / replay
             base = (seq * num_heads + heads) * num_partitions                                  # (BLOCK_G,)
@@ -287,12 +293,16 @@ def launch_decode(q: torch.Tensor, kv_layer: torch.Tensor, block_tables: torch.T
 
     # One K/V tile = several cache blocks when blocks are small: fewer, larger loads per iteration.
     block_n = tuning.block_n or max(block_size, 64 if head_size <= 128 else 32)
-    if partition_size is None:
+    forced = partition_size is not None
+    if not forced:
         partition_size = choose_partition_size(num_seqs, num_kv_heads, max_context_len,
                                                device_parallelism(q.device), block_n,
                                                tuning.max_partition_size)
     block_n = min(block_n, partition_size)
     num_partitions = triton.cdiv(max_context_len, partition_size)
+    # Rows shorter than max_context_len split into slices of at least this many tokens (a
+    # forced size is kept exactly: it bounds every row's slice from both sides).
+    min_partition = partition_size if forced else min(partition_size, max(block_n, 128))
     use_partitions = num_partitions > 1
     block_d = triton.next_power_of_2(head_size)
 
@@ -319,7 +329,7 @@ def launch_decode(q: torch.Tensor, kv_layer: torch.Tensor, block_tables: torch.T
         num_heads, num_kv_heads, num_partitions,
         GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)),
         HEAD_SIZE=head_size, BLOCK_D=block_d,
-        BLOCK_SIZE=block_size, BLOCK_N=block_n, PARTITION_SIZE=partition_size,
+        BLOCK_SIZE=block_size, BLOCK_N=block_n, MIN_PARTITION=min_partition,
         USE_PARTITIONS=use_partitions, HAS_WINDOW=sliding_window is not None,
         INPUT_PRECISION="ieee" if fp32 else "tf32", DOT_UPCAST=interpreter_dot_upcast(q.dtype),
         MIXED=mixed, num_warps=tuning.num_warps, num_stages=tuning.num_stages,
