@@ -13,9 +13,9 @@ Context position p of sequence b is slot `p % block_size` of block `block_tables
 
 No host<->device syncs: the partition count comes from the host int `max_context_len` (under
 CUDA graphs, pass the capture-time bound, e.g. the engine's max sequence length), and each row
-spreads its own context over those partitions (at least 128 tokens a slice), so a short row in
-a graph captured for 128k tokens runs 1-2 slices and a long one runs them all; programs past a
-row's last slice exit at once.
+cuts its own context into about as many slices as fill the GPU at this batch (128 tokens to the
+capture-time slice size each), so a short row in a graph captured for 128k tokens runs 1-2
+slices and a long one enough for the GPU; programs past a row's last slice exit at once.
 """
 from __future__ import annotations
 
@@ -91,10 +91,10 @@ def _decode_partition_kernel(
     stride_kblk, stride_kslot, stride_khead,
     stride_bt,
     stride_ob, stride_oh,
-    num_heads, num_kv_heads, num_partitions,
+    num_heads, num_kv_heads, num_partitions, slices_wanted,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr,
     HEAD_SIZE: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, MIN_PARTITION: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, MIN_PARTITION: tl.constexpr, MAX_PARTITION: tl.constexpr,
     USE_PARTITIONS: tl.constexpr, HAS_WINDOW: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     DOT_UPCAST: tl.constexpr, MIXED: tl.constexpr,
 ):
@@ -112,9 +112,11 @@ def _decode_partition_kernel(
         q_row = seq
     ctx = tl.load(context_lens_ptr + seq)
     # The grid's partition count is fixed (by the host's max_context_len, a graph's capture
-    # bound); each row spreads its own context over it, at least MIN_PARTITION tokens a slice,
-    # so a short row in a long-context graph keeps few slices and a long one uses them all.
-    part_size = tl.maximum(MIN_PARTITION, tl.cdiv(tl.cdiv(ctx, num_partitions), BLOCK_N) * BLOCK_N)
+    # bound); each row cuts its own context into ~slices_wanted slices (enough programs to fill
+    # the GPU at this batch), each MIN..MAX_PARTITION tokens, so a short row in a long-context
+    # graph runs few slices and a long one as many as the GPU needs.
+    part_size = tl.cdiv(tl.cdiv(ctx, slices_wanted), BLOCK_N) * BLOCK_N
+    part_size = tl.minimum(tl.maximum(part_size, MIN_PARTITION), MAX_PARTITION)
     part_start = part * part_size
     offs_g = tl.arange(0, BLOCK_G)
     offs_d = tl.arange(0, BLOCK_D)
@@ -300,9 +302,11 @@ def launch_decode(q: torch.Tensor, kv_layer: torch.Tensor, block_tables: torch.T
                                                tuning.max_partition_size)
     block_n = min(block_n, partition_size)
     num_partitions = triton.cdiv(max_context_len, partition_size)
-    # Rows shorter than max_context_len split into slices of at least this many tokens (a
-    # forced size is kept exactly: it bounds every row's slice from both sides).
+    # A row of context c runs ~slices_wanted slices of min_partition..partition_size tokens
+    # (a forced size is kept exactly). Measured on an H100 in a graph bound to 128k tokens
+    # (bench/gpu_kernels.py --sections graphbound).
     min_partition = partition_size if forced else min(partition_size, max(block_n, 128))
+    slices_wanted = max(1, triton.cdiv(2 * device_parallelism(q.device), num_seqs * num_kv_heads))
     use_partitions = num_partitions > 1
     block_d = triton.next_power_of_2(head_size)
 
@@ -326,10 +330,10 @@ def launch_decode(q: torch.Tensor, kv_layer: torch.Tensor, block_tables: torch.T
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0),
         out.stride(0), out.stride(1),
-        num_heads, num_kv_heads, num_partitions,
+        num_heads, num_kv_heads, num_partitions, slices_wanted,
         GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)),
         HEAD_SIZE=head_size, BLOCK_D=block_d,
-        BLOCK_SIZE=block_size, BLOCK_N=block_n, MIN_PARTITION=min_partition,
+        BLOCK_SIZE=block_size, BLOCK_N=block_n, MIN_PARTITION=min_partition, MAX_PARTITION=partition_size,
         USE_PARTITIONS=use_partitions, HAS_WINDOW=sliding_window is not None,
         INPUT_PRECISION="ieee" if fp32 else "tf32", DOT_UPCAST=interpreter_dot_upcast(q.dtype),
         MIXED=mixed, num_warps=tuning.num_warps, num_stages=tuning.num_stages,
