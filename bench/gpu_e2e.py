@@ -455,11 +455,10 @@ def small_model_cpu_vs_gpu(res: dict) -> None:
 def make_engine(session: Session, max_num_seqs: int, tokens_per_seq: int, compile_: bool,
                 fused: bool = False) -> LLMEngine:
     """An engine whose KV pool holds `max_num_seqs` sequences of `tokens_per_seq` (no preemption)."""
-    session.fused_decode = fused
     blocks = max_num_seqs * (math.ceil(tokens_per_seq / 16) + 1)
     return LLMEngine(EngineConfig(model_dir="<in-memory>", max_num_seqs=max_num_seqs, max_num_batched_tokens=8192,
                                   block_size=16, num_kv_blocks=blocks, max_seq_len=MAX_SEQ_LEN, max_queue_size=4096,
-                                  compile_decode=compile_), session=session)
+                                  compile_decode=compile_, fused_decode=fused), session=session)
 
 
 def run_engine(session: Session, prompts: list[torch.Tensor], osl: int, engine: LLMEngine,

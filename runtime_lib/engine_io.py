@@ -28,6 +28,8 @@ class EngineConfig:
     cuda_graphs: bool = True                  # replay decode and small prefill/mixed steps from CUDA graphs (GPU)
     compile_decode: bool = False              # torch.compile the captured decode and prefill forwards
                                               # (Llama family; ~30-90 s of compilation, fewer kernels)
+    fused_decode: bool = True                 # batch-1 decode steps through the fused Triton step (GPU,
+                                              # Llama family; runtime_lib/fused_decode.py)
     capture_graphs_at_start: bool = True      # capture every graph bucket in __init__, not on first use
     async_scheduling: bool = True             # prepare step t+1 while step t runs (see module doc)
 

@@ -182,7 +182,7 @@ class Session:
 
     # --- CUDA graphs ------------------------------------------------------------------------
     def enable_cuda_graphs(self, kv_cache: torch.Tensor, *, max_batch_size: int, max_seq_len: int,
-                           scratch_block: int, compile: bool | None = None):
+                           scratch_block: int, compile: bool | None = None, fused: bool | None = None):
         """Replay decode steps over `kv_cache` from CUDA graphs (captured lazily per bucket).
 
         `scratch_block`: a block of the pool no sequence owns (allocate one extra). Returns the
@@ -192,8 +192,8 @@ class Session:
         steps of up to `prefill_graph_max_tokens` tokens get a `PrefillGraphRunner` beside it
         (`max_batch_size` sequences per step; RUNTIME_LIB_PREFILL_GRAPHS=0 turns it off), alive
         as long as the decode runner is. One-row decode steps of supported models run the fused
-        Triton step (`fused_decode.py`) while `fused_decode` is on (RUNTIME_LIB_FUSED_DECODE=0:
-        off); larger ones the compiled (`compile`) or eager forward."""
+        Triton step (`fused_decode.py`) when `fused` (default: `self.fused_decode`) is on
+        (RUNTIME_LIB_FUSED_DECODE=0: off); larger ones the compiled (`compile`) or eager forward."""
         from .cuda_graph import (
             DecodeGraphRunner,
             cuda_graphs_disabled_by_env,
@@ -217,7 +217,8 @@ class Session:
         forward = self._backend.forward
         if compile and supports_compiled_decode(model):
             forward = make_compiled_decode_forward(model)
-        if (self.fused_decode and not fused_decode_disabled_by_env()
+        fused = self.fused_decode if fused is None else fused
+        if (fused and not fused_decode_disabled_by_env()
                 and fused_decode_unsupported_reason(model) is None):
             forward = make_fused_decode_forward(model, forward)
         runner = DecodeGraphRunner(forward, kv_cache, max_batch_size=max_batch_size, max_seq_len=max_seq_len,

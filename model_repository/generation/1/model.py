@@ -115,6 +115,7 @@ class TritonPythonModel:
             max_seq_len=params.int("max_seq_len", None, lo=2),
             cuda_graphs=params.bool("cuda_graphs", True),
             compile_decode=params.bool("compile_decode", False),
+            fused_decode=params.bool("fused_decode", True),
         ))
         # Ids the engine stops/pads with unless a request says otherwise; an engine directory
         # without tokenizer files serves ids only, with the checkpoint's eos/pad ids.
