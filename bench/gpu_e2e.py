@@ -566,7 +566,14 @@ def offline_one(name: str, session: Session, prompts: list[torch.Tensor], isl: i
     engine = make_engine(session, batch, isl + osl, args.compile, args.fused)
     try:
         run_engine(session, random_prompts(batch, isl, vocab, seed=1003), 3, engine)  # warm-up
+        window = None
+        if args.profile_offline and isl >= 1000:
+            window = threading.Thread(target=profile_engine_window, args=(engine, args.profile_offline, out, key),
+                                      daemon=True)
+            window.start()
         stats = run_engine(session, prompts, osl, engine)
+        if window is not None:
+            window.join()
     finally:
         engine.shutdown()
     engine = None  # drop its KV pool and graphs now
@@ -574,6 +581,60 @@ def offline_one(name: str, session: Session, prompts: list[torch.Tensor], isl: i
     out["engine"][key] = stats
     log(f"{name} offline engine {key}: {stats['tok_s']:,.0f} tok/s ({stats['wall_s']:.2f} s, "
         f"{stats['steps_total']} steps, {stats['preempted_total']} preemptions)")
+
+
+def profile_engine_window(engine: LLMEngine, delay_s: float, out: dict, key: str, window_s: float = 1.0) -> None:
+    """Kernel time by category over `window_s` of a running engine, `delay_s` after it starts
+    (CUPTI sees the engine thread's launches): per step, and the GPU's busy fraction (kernel
+    time / wall time; under 100% means the host or the scheduler leaves the GPU idle)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    time.sleep(delay_s)
+    steps0 = engine.stats().num_steps_total
+    t0 = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        time.sleep(window_s)
+        torch.cuda.synchronize()
+    wall_us = (time.perf_counter() - t0) * 1e6
+    steps = max(1, engine.stats().num_steps_total - steps0)
+    cats: dict[str, float] = {}
+    for evt in prof.key_averages():
+        if getattr(evt, "device_type", None) != DeviceType.CUDA:
+            continue
+        dev_us = getattr(evt, "self_device_time_total", 0) or 0
+        cats[kernel_category(evt.key)] = cats.get(kernel_category(evt.key), 0.0) + dev_us
+    busy = sum(cats.values())
+    out.setdefault("engine_profile", {})[key] = {
+        "steps": steps, "wall_ms_per_step": wall_us / steps / 1e3, "gpu_busy_pct": 100 * busy / wall_us,
+        "kernel_ms_per_step": {c: v / steps / 1e3 for c, v in sorted(cats.items(), key=lambda x: -x[1])},
+        "engine_thread_samples": sample_thread_stacks(engine._thread, window_s)}
+    log(f"engine profile {key}: {out['engine_profile'][key]}")
+
+
+def sample_thread_stacks(thread: threading.Thread, seconds: float, interval_s: float = 0.0005) -> dict:
+    """Where a thread spends its time: sample its stack every `interval_s` for `seconds`; the
+    share of samples per innermost runtime_lib / torch frame and per innermost engine.py frame."""
+    import collections
+
+    inner: collections.Counter = collections.Counter()
+    engine_frames: collections.Counter = collections.Counter()
+    n = 0
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        frame = sys._current_frames().get(thread.ident)
+        if frame is not None:
+            n += 1
+            inner[f"{Path(frame.f_code.co_filename).name}:{frame.f_code.co_name}:{frame.f_lineno}"] += 1
+            f = frame
+            while f is not None and not f.f_code.co_filename.endswith("runtime_lib/engine.py"):
+                f = f.f_back
+            if f is not None:
+                engine_frames[f"engine.py:{f.f_code.co_name}:{f.f_lineno}"] += 1
+        time.sleep(interval_s)
+    return {"samples": n,
+            "innermost": {k: round(100 * v / max(n, 1), 1) for k, v in inner.most_common(15)},
+            "engine_py": {k: round(100 * v / max(n, 1), 1) for k, v in engine_frames.most_common(15)}}
 
 
 def section_latency(name: str, hf, session: Session, mc: ModelConfig, res: dict, args) -> None:
@@ -806,6 +867,8 @@ def main() -> int:
     ap.add_argument("--compile-correctness", action="store_true",
                     help="also compare the compiled step's greedy tokens (compiles for batch > 1 too)")
     ap.add_argument("--fp32-check", action="store_true", help="also compare fp32 logits with HF (a copy in fp32)")
+    ap.add_argument("--profile-offline", type=float, default=0.0, metavar="DELAY_S",
+                    help="profile 1 s of the 1000/1000 engine run, DELAY_S after it starts")
     ap.add_argument("--fused", action="store_true", help="also the fused small-batch decode step (bs1 section)")
     ap.add_argument("--hf-compile", action="store_true", help="also HF generate with static cache + compile")
     ap.add_argument("--long", action="store_true", help="also ISL/OSL 1000/1000 (ours)")
