@@ -591,13 +591,14 @@ def profile_engine_window(engine: LLMEngine, delay_s: float, out: dict, key: str
     from torch.profiler import ProfilerActivity, profile
 
     time.sleep(delay_s)
-    steps0 = engine.stats().num_steps_total
-    t0 = time.perf_counter()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        # Steps and wall time are read inside the window: leaving `profile` processes the trace
+        # (~0.4 s) while the engine keeps stepping, and those steps have no recorded kernels.
+        steps0, t0 = engine.stats().num_steps_total, time.perf_counter()
         time.sleep(window_s)
         torch.cuda.synchronize()
-    wall_us = (time.perf_counter() - t0) * 1e6
-    steps = max(1, engine.stats().num_steps_total - steps0)
+        steps = max(1, engine.stats().num_steps_total - steps0)
+        wall_us = (time.perf_counter() - t0) * 1e6
     cats: dict[str, float] = {}
     for evt in prof.key_averages():
         if getattr(evt, "device_type", None) != DeviceType.CUDA:
