@@ -54,8 +54,13 @@ def choose_bucket(num_rows: int, buckets: Sequence[int]) -> int | None:
     return None
 
 
+def switched_off_by_env(name: str) -> bool:
+    """True when environment variable `name` is "0", "false", "off" or "no" (debug switches)."""
+    return os.environ.get(name, "1").strip().lower() in ("0", "false", "off", "no")
+
+
 def cuda_graphs_disabled_by_env() -> bool:
-    return os.environ.get(DISABLE_ENV, "1").strip().lower() in ("0", "false", "off", "no")
+    return switched_off_by_env(DISABLE_ENV)
 
 
 def graph_unsupported_reason(model: nn.Module) -> str | None:
@@ -343,4 +348,5 @@ __all__ = [
     "llama_decode_forward",
     "make_compiled_decode_forward",
     "supports_compiled_decode",
+    "switched_off_by_env",
 ]

@@ -2,8 +2,7 @@
 
 At batch 1 the step is bound by streaming the weights once, and what keeps it from that bound
 is the number of launches between the matmuls. This forward runs each layer in five Triton
-launches (six with a split-K attention reduce), against ~11 for the compiled step and ~60
-eagerly:
+launches, against ~11 for the compiled step and ~60 eagerly:
 
     qkv   = small_linear(x, W_qkv, prologue=RMSNorm)            input_layernorm fused in
     q     = rope_kv_write(qkv)                                  RoPE on q and k, k/v into the cache
@@ -12,16 +11,15 @@ eagerly:
     gu    = small_linear(x, W_gate_up, prologue=RMSNorm)        post_attention_layernorm fused in
     x     = small_linear(gu, W_down, prologue=SiLU*mul, residual=x)
 
-and the logits are one more `small_linear` with the final norm fused in. Every kernel rounds like
-the eager layers (kernels/small_linear.py), so logits match the eager forward up to summation
-order. Larger batches take the `fallback` forward (the compiled or eager one): from two rows
-on, cuBLAS's tensor-core GEMMs beat these CUDA-core GEMVs. `Session.enable_cuda_graphs` wraps
+and the logits are one more `small_linear` with the final norm fused in. In fp32 the logits match
+the eager forward up to summation order; in bf16 the RMSNorm rounds at other points than eager
+does (kernels/small_linear.py), within bf16 rounding of it. Larger batches take the `fallback`
+forward (the compiled or eager one): from two rows on, cuBLAS's tensor-core GEMMs beat these
+CUDA-core GEMVs. `Session.enable_cuda_graphs` wraps
 the decode forward with this when `Session.fused_decode` is on and the model is supported
 (`fused_decode_unsupported_reason`); RUNTIME_LIB_FUSED_DECODE=0 turns it off.
 """
 from __future__ import annotations
-
-import os
 
 import torch
 import torch.nn.functional as F
@@ -36,7 +34,9 @@ DISABLE_ENV = "RUNTIME_LIB_FUSED_DECODE"  # "0": always take the fallback forwar
 
 
 def fused_decode_disabled_by_env() -> bool:
-    return os.environ.get(DISABLE_ENV, "1").strip().lower() in ("0", "false", "off", "no")
+    from .cuda_graph import switched_off_by_env
+
+    return switched_off_by_env(DISABLE_ENV)
 
 
 def fused_decode_unsupported_reason(model: nn.Module) -> str | None:

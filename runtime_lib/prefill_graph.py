@@ -30,7 +30,6 @@ every bucket; the compiled code is captured in the same graphs.
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Sequence
 
 import torch
@@ -43,6 +42,7 @@ from .cuda_graph import (
     choose_bucket,
     compile_per_model,
     supports_compiled_decode,
+    switched_off_by_env,
 )
 from .layers.attention import AttentionMetadata, paged_attention, write_kv
 
@@ -63,7 +63,7 @@ def prefill_token_buckets(max_num_tokens: int) -> tuple[int, ...]:
 
 
 def prefill_graphs_disabled_by_env() -> bool:
-    return os.environ.get(DISABLE_ENV, "1").strip().lower() in ("0", "false", "off", "no")
+    return switched_off_by_env(DISABLE_ENV)
 
 
 class PrefillGraphRunner:

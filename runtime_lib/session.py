@@ -93,7 +93,7 @@ class Session:
         # Each decode runner maps to the prefill/mixed-step runner over the same pool (or None).
         self._graph_runners: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self.compile_decode_graphs = False  # torch.compile the captured decode step (Llama family)
-        # Decode batches of <= 16 rows run the fused-kernel step (runtime_lib/fused_decode.py).
+        # One-row decode steps run the fused-kernel step (runtime_lib/fused_decode.py).
         self.fused_decode = True
         # Prefill / mixed steps up to this many tokens replay token-bucket graphs (0: eager).
         self.prefill_graph_max_tokens = DEFAULT_MAX_PREFILL_GRAPH_TOKENS

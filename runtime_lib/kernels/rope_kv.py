@@ -26,27 +26,11 @@ import triton.language as tl
 
 from ..layers.attention import write_kv
 from ..layers.rotary import apply_rotary
+from .rounding import round_to
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 INDEX_DTYPES = (torch.int32, torch.int64)
 MIN_HEAD_SIZE, MAX_HEAD_SIZE = 16, 256
-
-
-@triton.jit
-def _round(x, TO_BF16: tl.constexpr, DT: tl.constexpr):
-    """fp32 x rounded to nearest-even in the target dtype, returned as fp32.
-
-    bf16 is rounded with integer ops rather than `.to(tl.bfloat16)`: Triton 3.6's interpreter
-    truncates fp32->bf16 casts, so the CPU tests would not check what the GPU (cvt.rn) does.
-    The result is exactly representable, so any later cast of it is exact."""
-    if TO_BF16:
-        bits = x.to(tl.uint32, bitcast=True)
-        bits = bits + 0x7FFF + ((bits >> 16) & 1)            # round half to even on bit 16
-        r = ((bits >> 16) << 16).to(tl.float32, bitcast=True)
-        r = tl.where(x != x, x, r)                            # keep NaN a NaN
-    else:
-        r = x.to(DT).to(tl.float32)
-    return r
 
 
 @triton.jit
@@ -56,14 +40,16 @@ def _rope_kv_kernel(
     stride_out_t, stride_out_h,
     stride_kv_blk, stride_kv_slot, stride_kv_head,
     num_heads, num_kv_heads,
-    BLOCK_SIZE: tl.constexpr, HEAD_SIZE: tl.constexpr, X_BF16: tl.constexpr, KV_BF16: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, HEAD_SIZE: tl.constexpr,
 ):
     tok = tl.program_id(0)
     head = tl.program_id(1)                     # 0..h-1 q, h..h+kvh-1 k, then v
     HALF: tl.constexpr = HEAD_SIZE // 2
     offs = tl.arange(0, HALF)
-    dt = qkv_ptr.dtype.element_ty
-    kv_dt = k_cache_ptr.dtype.element_ty
+    # bf16 rounds by integer ops (EMULATE_RNE=True) on CPU and GPU alike: the same bits as the
+    # GPU's cvt.rn, and the interpreter's truncating cast never enters the bit-exact tests.
+    dt: tl.constexpr = qkv_ptr.dtype.element_ty
+    kv_dt: tl.constexpr = k_cache_ptr.dtype.element_ty
     # int64 throughout: T * row stride and slot * slot stride overflow int32 on large caches.
     row = qkv_ptr + tok.to(tl.int64) * stride_qkv_t + head.to(tl.int64) * HEAD_SIZE
     slot = tl.load(slot_ptr + tok).to(tl.int64)
@@ -72,17 +58,17 @@ def _rope_kv_kernel(
     if head < num_heads + num_kv_heads:
         pos = tl.load(positions_ptr + tok).to(tl.int64)
         # cos/sin are rounded to the activation dtype first, as `cos.to(q.dtype)` in torch.
-        c = _round(tl.load(cos_ptr + pos * stride_cos_p + offs), X_BF16, dt)          # (HALF,) fp32
-        s = _round(tl.load(sin_ptr + pos * stride_sin_p + offs), X_BF16, dt)
+        c = round_to(tl.load(cos_ptr + pos * stride_cos_p + offs), dt, True)          # (HALF,) fp32
+        s = round_to(tl.load(sin_ptr + pos * stride_sin_p + offs), dt, True)
         x1 = tl.load(row + offs).to(tl.float32)                                     # (HALF,)
         x2 = tl.load(row + HALF + offs).to(tl.float32)
         # Each op rounds to the activation dtype (a no-op for fp32), as eager torch does.
-        x1c = _round(x1 * c, X_BF16, dt)
-        x2s = _round(x2 * s, X_BF16, dt)
-        x2c = _round(x2 * c, X_BF16, dt)
-        x1s = _round(x1 * s, X_BF16, dt)
-        o1 = _round(x1c - x2s, X_BF16, dt)                                          # (HALF,) fp32
-        o2 = _round(x2c + x1s, X_BF16, dt)
+        x1c = round_to(x1 * c, dt, True)
+        x2s = round_to(x2 * s, dt, True)
+        x2c = round_to(x2 * c, dt, True)
+        x1s = round_to(x1 * s, dt, True)
+        o1 = round_to(x1c - x2s, dt, True)                                          # (HALF,) fp32
+        o2 = round_to(x2c + x1s, dt, True)
         if head < num_heads:
             q_dst = q_out_ptr + tok.to(tl.int64) * stride_out_t + head.to(tl.int64) * stride_out_h
             tl.store(q_dst + offs, o1.to(dt))  # exact: o1 is representable in dt
@@ -91,13 +77,13 @@ def _rope_kv_kernel(
             # torch casts the rotated k (already in dt) to the cache dtype: one more rounding.
             # (Distinct names per branch: compiled Triton needs one type per name across an if.)
             k_dst = k_cache_ptr + kv_off + (head - num_heads).to(tl.int64) * stride_kv_head
-            tl.store(k_dst + offs, _round(o1, KV_BF16, kv_dt).to(kv_dt))
-            tl.store(k_dst + HALF + offs, _round(o2, KV_BF16, kv_dt).to(kv_dt))
+            tl.store(k_dst + offs, round_to(o1, kv_dt, True).to(kv_dt))
+            tl.store(k_dst + HALF + offs, round_to(o2, kv_dt, True).to(kv_dt))
     else:
         offs_d = tl.arange(0, HEAD_SIZE)
         v = tl.load(row + offs_d).to(tl.float32)                                    # (HEAD_SIZE,)
         v_dst = v_cache_ptr + kv_off + (head - num_heads - num_kv_heads).to(tl.int64) * stride_kv_head
-        tl.store(v_dst + offs_d, _round(v, KV_BF16, kv_dt).to(kv_dt))
+        tl.store(v_dst + offs_d, round_to(v, kv_dt, True).to(kv_dt))
 
 
 def check_rope_kv_inputs(qkv: torch.Tensor, positions: torch.Tensor, cos_cache: torch.Tensor,
@@ -180,7 +166,6 @@ def rope_kv_write(qkv: torch.Tensor, positions: torch.Tensor, cos_cache: torch.T
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         num_heads, num_kv_heads,
         BLOCK_SIZE=kv_layer.shape[2], HEAD_SIZE=head_size,
-        X_BF16=qkv.dtype == torch.bfloat16, KV_BF16=kv_layer.dtype == torch.bfloat16,
         num_warps=1 if head_size <= 128 else 2,
         enable_fp_fusion=False,  # eager torch never fuses x1*cos - x2*sin into one FMA
     )

@@ -40,26 +40,11 @@ import triton
 import triton.language as tl
 
 from runtime_lib.kernels.paged_attention import device_parallelism, interpreter_dot_upcast, mma
+from runtime_lib.kernels.rounding import interpreter_rounds_bf16, round_to
 
 MAX_ROWS = 16
 PROLOGUES = {"none": 0, "rmsnorm": 1, "silu_mul": 2}
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-def interpreter_rounds_bf16() -> bool:
-    """Triton 3.6's CPU interpreter converts fp32 to bf16 by truncation; compiled kernels round
-    to nearest even. Under TRITON_INTERPRET the kernel rounds by hand so CPU tests see GPU bits."""
-    return bool(triton.knobs.runtime.interpret)
-
-
-@triton.jit
-def round_to(x, dt: tl.constexpr, EMULATE_RNE: tl.constexpr):
-    """fp32 -> dt with round-to-nearest-even, returned in fp32 (the value the next op reads)."""
-    if EMULATE_RNE and dt == tl.bfloat16:
-        bits = x.to(tl.int32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
-        return bits.to(tl.float32, bitcast=True)
-    return x.to(dt).to(tl.float32)
 
 
 @triton.jit
@@ -263,5 +248,4 @@ def small_linear_torch(x: torch.Tensor, weight: torch.Tensor, *, bias: torch.Ten
     return y.to(out_dtype or weight.dtype)
 
 
-__all__ = ["MAX_ROWS", "LinearTuning", "choose_tuning", "interpreter_rounds_bf16", "round_to", "small_linear",
-           "small_linear_torch"]
+__all__ = ["MAX_ROWS", "LinearTuning", "choose_tuning", "small_linear", "small_linear_torch"]
