@@ -99,7 +99,7 @@ def bench_us(fn, warmup_ms: int = 25, rep_ms: int = 100) -> float:
     return triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median") * 1e3
 
 
-def graph_us(fn) -> float:
+def graph_us(fn, warmup_ms: int = 25, rep_ms: int = 100) -> float:
     """GPU time of fn replayed from a CUDA graph (what the engine's captured decode step pays)."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
@@ -110,7 +110,7 @@ def graph_us(fn) -> float:
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         fn()
-    return bench_us(graph.replay)
+    return bench_us(graph.replay, warmup_ms, rep_ms)
 
 
 def host_us(fn, calls: int = 200) -> float:
@@ -123,6 +123,14 @@ def host_us(fn, calls: int = 200) -> float:
     elapsed = time.perf_counter() - start
     torch.cuda.synchronize()
     return elapsed / calls * 1e6
+
+
+def results_stem(name: str, device: str, date: str, tag: str = "") -> Path:
+    """$OUT (else bench/results/) / `<name>-<device slug>-<YYYY-MM-DD><tag>`, the folder created."""
+    out_dir = Path(os.environ["OUT"]) if os.environ.get("OUT") else Path(__file__).resolve().parent / "results"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    slug = "".join(ch if ch.isalnum() else "-" for ch in device).strip("-").lower()
+    return out_dir / f"{name}-{slug}-{date[:10]}{tag}"
 
 
 def copy_bandwidth_gbps() -> float:
@@ -503,11 +511,8 @@ def main() -> int:
     if "graphbound" in sections:
         run_graph_bound_bench(report)
 
-    out_dir = Path(os.environ["OUT"]) if os.environ.get("OUT") else Path(__file__).resolve().parent / "results"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    slug = "".join(ch if ch.isalnum() else "-" for ch in report.device).strip("-").lower()
     tag = "" if sections == {"checks", "decode", "prefill"} else "-" + "-".join(sorted(sections))
-    stem = out_dir / f"gpu_kernels-{slug}-{report.date[:10]}{tag}"
+    stem = results_stem("gpu_kernels", report.device, report.date, tag)
     stem.with_suffix(".json").write_text(json.dumps(asdict(report), indent=2))
     stem.with_suffix(".md").write_text(markdown(report))
     print(f"\nwrote {stem}.json and {stem}.md")

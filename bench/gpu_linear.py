@@ -22,7 +22,6 @@ import datetime as dt
 import functools
 import itertools
 import json
-import os
 import platform
 import sys
 from pathlib import Path
@@ -30,6 +29,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+
+from bench.gpu_kernels import copy_bandwidth_gbps, graph_us, results_stem  # noqa: E402
 
 SHAPES = {  # name: (N, K) of nn.Linear weights
     "8b qkv": (6144, 4096), "8b o": (4096, 4096), "8b gate_up": (28672, 4096), "8b down": (4096, 14336),
@@ -41,31 +42,9 @@ PROLOGUE_OF = {"qkv": "rmsnorm", "o": "none", "gate_up": "rmsnorm", "down": "sil
 CALLS = 8  # per graph
 
 
-def bench_us(fn) -> float:
-    import triton.testing
-    return triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median") * 1e3
-
-
 def graph_call_us(calls) -> float:
     """Per-call GPU time of `calls` (a list of thunks) captured in one graph and replayed."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for fn in calls:
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for fn in calls:
-            fn()
-    return bench_us(graph.replay) / len(calls)
-
-
-def copy_bandwidth_gbps() -> float:
-    n = 1 << 30
-    src = torch.empty(n, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    return 2 * n / bench_us(functools.partial(dst.copy_, src)) / 1e3
+    return graph_us(lambda: [fn() for fn in calls], warmup_ms=10, rep_ms=40) / len(calls)
 
 
 def weight_copies(n: int, k: int) -> list[torch.Tensor]:
@@ -186,13 +165,10 @@ def main() -> int:
         print("gpu_linear: no CUDA device, skipping")
         return 0
     report = run(args)
-    out_dir = Path(os.environ["OUT"]) if os.environ.get("OUT") else Path(__file__).resolve().parent / "results"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    slug = "".join(ch if ch.isalnum() else "-" for ch in report["device"]).strip("-").lower()
-    stem = out_dir / f"gpu_linear-{slug}-{report['date'][:10]}"
+    stem = results_stem("gpu_linear", report["device"], report["date"])
     stem.with_suffix(".json").write_text(json.dumps(report, indent=2))
     stem.with_suffix(".md").write_text(markdown(report))
-    (out_dir / "small_linear_tuning.json").write_text(json.dumps(report["tuning_table"], indent=2))
+    stem.with_name("small_linear_tuning.json").write_text(json.dumps(report["tuning_table"], indent=2))
     print(markdown(report))
     failed = [c for c in report["checks"] if not c["passed"]]
     if failed:
