@@ -337,17 +337,9 @@ def kernel_category(name: str) -> str:
     return "elementwise/other"
 
 
-def profile_step(fn, steps: int) -> dict:
-    """Kernel time per decode step by category (the prefill is in the trace too: it is one
-    step of 17, so divide by steps + 1 is close enough for the split; we report per-step means)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    fn()
-    sync()
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEVICE == "cuda" else [])
-    with profile(activities=acts) as prof:
-        fn()
-        sync()
+def kernel_totals(prof) -> tuple[dict[str, float], dict[str, int], list[tuple[float, int, str]]]:
+    """GPU time (us) and launch count per `kernel_category` of a finished torch.profiler run,
+    and every kernel as (us, count, name), longest first."""
     from torch.autograd import DeviceType
 
     cats: dict[str, float] = {}
@@ -366,6 +358,21 @@ def profile_step(fn, steps: int) -> dict:
         counts[c] = counts.get(c, 0) + evt.count
         top.append((dev_us, evt.count, evt.key[:90]))
     top.sort(reverse=True)
+    return cats, counts, top
+
+
+def profile_step(fn, steps: int) -> dict:
+    """Kernel time per decode step by category (the prefill is in the trace too: it is one
+    step of 17, so divide by steps + 1 is close enough for the split; we report per-step means)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    sync()
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEVICE == "cuda" else [])
+    with profile(activities=acts) as prof:
+        fn()
+        sync()
+    cats, counts, top = kernel_totals(prof)
     per = steps + 1
     return {"kernel_us_per_step": {c: v / per for c, v in sorted(cats.items(), key=lambda x: -x[1])},
             "kernels_per_step": {c: v / per for c, v in counts.items()},
@@ -587,7 +594,6 @@ def profile_engine_window(engine: LLMEngine, delay_s: float, out: dict, key: str
     """Kernel time by category over `window_s` of a running engine, `delay_s` after it starts
     (CUPTI sees the engine thread's launches): per step, and the GPU's busy fraction (kernel
     time / wall time; under 100% means the host or the scheduler leaves the GPU idle)."""
-    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     time.sleep(delay_s)
@@ -599,17 +605,12 @@ def profile_engine_window(engine: LLMEngine, delay_s: float, out: dict, key: str
         torch.cuda.synchronize()
         steps = max(1, engine.stats().num_steps_total - steps0)
         wall_us = (time.perf_counter() - t0) * 1e6
-    cats: dict[str, float] = {}
-    for evt in prof.key_averages():
-        if getattr(evt, "device_type", None) != DeviceType.CUDA:
-            continue
-        dev_us = getattr(evt, "self_device_time_total", 0) or 0
-        cats[kernel_category(evt.key)] = cats.get(kernel_category(evt.key), 0.0) + dev_us
-    busy = sum(cats.values())
+    cats, _, _ = kernel_totals(prof)
+    stacks = sample_thread_stacks(engine._thread, window_s)  # the next window_s of the same run
     out.setdefault("engine_profile", {})[key] = {
-        "steps": steps, "wall_ms_per_step": wall_us / steps / 1e3, "gpu_busy_pct": 100 * busy / wall_us,
+        "steps": steps, "wall_ms_per_step": wall_us / steps / 1e3, "gpu_busy_pct": 100 * sum(cats.values()) / wall_us,
         "kernel_ms_per_step": {c: v / steps / 1e3 for c, v in sorted(cats.items(), key=lambda x: -x[1])},
-        "engine_thread_samples": sample_thread_stacks(engine._thread, window_s)}
+        "engine_thread_samples": stacks}
     log(f"engine profile {key}: {out['engine_profile'][key]}")
 
 
