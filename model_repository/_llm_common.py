@@ -189,6 +189,16 @@ class RequestInputs:
         tensor = self._pb.get_input_tensor_by_name(self._request, name)
         return None if tensor is None else tensor.as_numpy()
 
+    def required(self, name: str, kinds: str, type_name: str) -> Any:
+        """The input as a numpy array; an InputError names it when it is absent or its dtype
+        kind is not one of `kinds` (numpy kind letters; `type_name` is what the error says)."""
+        arr = self.array(name)
+        if arr is None:
+            raise InputError(f"{name} is required")
+        if arr.dtype.kind not in kinds:
+            raise InputError(f"{name} must be {type_name}, got {arr.dtype}")
+        return arr
+
     def first(self, *names: str) -> tuple[str, Any]:
         """The first of `names` (a field and its aliases) that was sent: (name, array)."""
         for name in names:
@@ -272,6 +282,22 @@ def _check_range(name: str, v: Any, lo: float | None, hi: float | None, lo_open:
         lo_s = "-inf" if lo is None else lo
         hi_s = "inf" if hi is None else hi
         raise InputError(f"{name} must be in {lb}{lo_s}, {hi_s}], got {v}")
+
+
+def respond_each(pb_utils: Any, requests: list[Any], process: Any, model: str) -> list[Any]:
+    """One response per request of a non-decoupled model from `process(RequestInputs)`: a bad
+    field becomes an INVALID_ARG error naming it, any other failure an INTERNAL one (logged);
+    one request's failure never reaches the stub or the other requests."""
+    responses = []
+    for request in requests:
+        try:
+            responses.append(process(RequestInputs(request, pb_utils)))
+        except InputError as e:
+            responses.append(error_response(pb_utils, str(e)))
+        except Exception as e:  # noqa: BLE001
+            pb_utils.Logger.log_error(f"{model}: request failed: {e!r}")
+            responses.append(error_response(pb_utils, f"internal error: {e}", "INTERNAL"))
+    return responses
 
 
 def error_response(pb_utils: Any, message: str, code: Any = "INVALID_ARG") -> Any:

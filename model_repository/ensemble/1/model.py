@@ -153,11 +153,7 @@ class TritonPythonModel:
         inputs = RequestInputs(request, pb_utils)
         for name, why in _UNSUPPORTED.items():
             inputs.reject_if_set(name, why)
-        text = inputs.array("text_input")
-        if text is None:
-            raise InputError("text_input is required")
-        if text.dtype.kind not in "OSU":
-            raise InputError(f"text_input must be STRING (BYTES), got {text.dtype}")
+        text = inputs.required("text_input", "OSU", "STRING (BYTES)")
         if text.size != 1:
             raise InputError(f"text_input must hold exactly one prompt (batch size 1), got shape {list(text.shape)}")
         raw = text.reshape(-1)[0]

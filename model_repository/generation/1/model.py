@@ -203,11 +203,7 @@ class TritonPythonModel:
     def _parse(self, inputs: RequestInputs) -> dict[str, Any]:
         for name, why in _UNSUPPORTED.items():
             inputs.reject_if_set(name, why)
-        ids = inputs.array("input_ids")
-        if ids is None:
-            raise InputError("input_ids is required")
-        if ids.dtype.kind not in "iu":
-            raise InputError(f"input_ids must be INT32, got {ids.dtype}")
+        ids = inputs.required("input_ids", "iu", "INT32")
         if ids.ndim == 1:
             ids = ids[None, :]
         if ids.ndim != 2:

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
-from _llm_common import InputError, ModelParameters, RequestInputs, error_response
+from _llm_common import InputError, ModelParameters, RequestInputs, respond_each
 
 from runtime_lib.tokenizer import load_tokenizer, to_word_list_format
 
@@ -31,16 +31,7 @@ class TritonPythonModel:
                                         add_special_tokens=params.bool("add_special_tokens", True))
 
     def execute(self, requests: list[Any]) -> list[Any]:
-        responses = []
-        for request in requests:
-            try:
-                responses.append(self._process(RequestInputs(request, pb_utils)))
-            except InputError as e:
-                responses.append(error_response(pb_utils, str(e)))
-            except Exception as e:  # noqa: BLE001 - one request's failure must never reach the stub
-                pb_utils.Logger.log_error(f"preprocessing: request failed: {e!r}")
-                responses.append(error_response(pb_utils, f"internal error: {e}", "INTERNAL"))
-        return responses
+        return respond_each(pb_utils, requests, self._process, "preprocessing")
 
     def _process(self, inputs: RequestInputs) -> Any:
         batch = inputs.batch_size("QUERY")
