@@ -266,28 +266,38 @@ def supports_compiled_decode(model: nn.Module) -> bool:
     return isinstance(model, LlamaForCausalLM) and graph_unsupported_reason(model) is None
 
 
+def llama_traced_forward(model: nn.Module, input_ids: torch.Tensor, positions: torch.Tensor,
+                         logits_indices: torch.Tensor, attend) -> torch.Tensor:
+    """`LlamaForCausalLM.forward` + `compute_logits` for flattened tokens, written for Dynamo:
+    plain tensors in, the attention (which also writes K/V) behind an opaque custom op called as
+    `attend(layer_index, q, k, v, layer.self_attn)` -> (T, h, d). Must stay in step with
+    models/llama.py (tests/runtime/test_cuda_graph.py and test_prefill_graph.py check parity)."""
+    T = input_ids.shape[0]
+    x = model.embed_tokens(input_ids)                                           # (T, H)
+    for i, layer in enumerate(model.layers):
+        attn = layer.self_attn
+        qkv = attn.qkv_proj(layer.input_layernorm(x))                           # (T, q + 2kv)
+        q, k, v = qkv.split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
+        q = q.view(T, attn.num_heads, attn.head_size)                           # (T, h, d)
+        k = k.view(T, attn.num_kv_heads, attn.head_size)                        # (T, kvh, d)
+        v = v.view(T, attn.num_kv_heads, attn.head_size)
+        q, k = attn.rotary(positions, q, k)
+        out = attend(i, q, k, v, attn)                                          # (T, h, d)
+        x = x + attn.o_proj(out.reshape(T, attn.q_size))                       # (T, H)
+        x = x + layer.mlp(layer.post_attention_layernorm(x))                    # (T, H)
+    return model.compute_logits(model.norm(x)[logits_indices])                 # (N, V) fp32
+
+
 def llama_decode_forward(model: nn.Module, input_ids: torch.Tensor, positions: torch.Tensor,
                          kv_cache: torch.Tensor, slot_mapping: torch.Tensor, block_tables: torch.Tensor,
                          context_lens: torch.Tensor, logits_indices: torch.Tensor,
                          max_context_len: int) -> torch.Tensor:
-    """`LlamaForCausalLM.forward` + `compute_logits` for one token per row, written for Dynamo:
-    plain tensors in, the attention behind `decode_attention`. Must stay in step with
-    models/llama.py (tests/runtime/test_cuda_graph.py checks parity)."""
-    B = input_ids.shape[0]
-    x = model.embed_tokens(input_ids)                                           # (B, H)
-    for i, layer in enumerate(model.layers):
-        attn = layer.self_attn
-        qkv = attn.qkv_proj(layer.input_layernorm(x))                           # (B, q + 2kv)
-        q, k, v = qkv.split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
-        q = q.view(B, attn.num_heads, attn.head_size)                           # (B, h, d)
-        k = k.view(B, attn.num_kv_heads, attn.head_size)                        # (B, kvh, d)
-        v = v.view(B, attn.num_kv_heads, attn.head_size)
-        q, k = attn.rotary(positions, q, k)
-        out = decode_attention(q, k, v, kv_cache, i, slot_mapping, block_tables, context_lens,
-                               attn.scale, attn.sliding_window, max_context_len)  # (B, h, d)
-        x = x + attn.o_proj(out.reshape(B, attn.q_size))                       # (B, H)
-        x = x + layer.mlp(layer.post_attention_layernorm(x))                    # (B, H)
-    return model.compute_logits(model.norm(x)[logits_indices])                 # (N, V) fp32
+    """`llama_traced_forward` for one token per row, the attention behind `decode_attention`."""
+    def attend(i, q, k, v, attn):
+        return decode_attention(q, k, v, kv_cache, i, slot_mapping, block_tables, context_lens,
+                                attn.scale, attn.sliding_window, max_context_len)
+
+    return llama_traced_forward(model, input_ids, positions, logits_indices, attend)
 
 
 def compile_per_model(model: nn.Module, attr: str, name: str, fn, backend: str):
@@ -346,6 +356,7 @@ __all__ = [
     "graph_batch_sizes",
     "graph_unsupported_reason",
     "llama_decode_forward",
+    "llama_traced_forward",
     "make_compiled_decode_forward",
     "supports_compiled_decode",
     "switched_off_by_env",

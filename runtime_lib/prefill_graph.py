@@ -41,6 +41,7 @@ from .cuda_graph import (
     check_graph_pool,
     choose_bucket,
     compile_per_model,
+    llama_traced_forward,
     supports_compiled_decode,
     switched_off_by_env,
 )
@@ -251,25 +252,13 @@ def llama_prefill_forward(model: nn.Module, input_ids: torch.Tensor, positions: 
                           kv_cache: torch.Tensor, slot_mapping: torch.Tensor, block_tables: torch.Tensor,
                           query_lens: torch.Tensor, context_lens: torch.Tensor, cu_query_lens: torch.Tensor,
                           logits_indices: torch.Tensor, max_context_len: int) -> torch.Tensor:
-    """`LlamaForCausalLM.forward` + `compute_logits` for flattened tokens of any split, written
-    for Dynamo (plain tensors in, attention behind `prefill_attention`). The twin of
-    cuda_graph.llama_decode_forward; must stay in step with models/llama.py
-    (tests/runtime/test_prefill_graph.py checks parity)."""
-    T = input_ids.shape[0]
-    x = model.embed_tokens(input_ids)                                           # (T, H)
-    for i, layer in enumerate(model.layers):
-        attn = layer.self_attn
-        qkv = attn.qkv_proj(layer.input_layernorm(x))                           # (T, q + 2kv)
-        q, k, v = qkv.split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
-        q = q.view(T, attn.num_heads, attn.head_size)                           # (T, h, d)
-        k = k.view(T, attn.num_kv_heads, attn.head_size)                        # (T, kvh, d)
-        v = v.view(T, attn.num_kv_heads, attn.head_size)
-        q, k = attn.rotary(positions, q, k)
-        out = prefill_attention(q, k, v, kv_cache, i, slot_mapping, block_tables, query_lens, context_lens,
-                                cu_query_lens, attn.scale, attn.sliding_window, max_context_len)  # (T, h, d)
-        x = x + attn.o_proj(out.reshape(T, attn.q_size))                       # (T, H)
-        x = x + layer.mlp(layer.post_attention_layernorm(x))                    # (T, H)
-    return model.compute_logits(model.norm(x)[logits_indices])                 # (N, V) fp32
+    """`cuda_graph.llama_traced_forward` for flattened tokens of any split, the attention behind
+    `prefill_attention` (tests/runtime/test_prefill_graph.py checks parity with the model)."""
+    def attend(i, q, k, v, attn):
+        return prefill_attention(q, k, v, kv_cache, i, slot_mapping, block_tables, query_lens, context_lens,
+                                 cu_query_lens, attn.scale, attn.sliding_window, max_context_len)
+
+    return llama_traced_forward(model, input_ids, positions, logits_indices, attend)
 
 
 def make_compiled_prefill_forward(model: nn.Module, *, backend: str = "inductor") -> DecodeForward:
