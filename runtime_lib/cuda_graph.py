@@ -23,6 +23,7 @@ import math
 import os
 import types
 from collections.abc import Callable, Container, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -83,6 +84,22 @@ def capture_buckets(buckets: Sequence[int], captured: Container[int], capture: C
     for bucket in wanted:
         if bucket not in captured:
             capture(bucket)
+
+
+def capture_graph(forward: Callable[[], Any], device: torch.device,
+                  pool: object) -> tuple[torch.cuda.CUDAGraph, Any]:
+    """Run `forward` twice on a side stream (Triton JIT, cuBLAS workspaces and torch.compile
+    happen outside the capture), then capture it into a graph on `pool`: (graph, its output)."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side), torch.no_grad():
+        for _ in range(2):
+            forward()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.no_grad(), torch.cuda.graph(graph, pool=pool):
+        out = forward()
+    return graph, out
 
 
 def check_graph_pool(kv_cache: torch.Tensor, scratch_block: int, max_seq_len: int) -> None:
@@ -213,16 +230,7 @@ class DecodeGraphRunner:
         self._reset_rows(0, self._dirty_rows)
         self.logits_indices[:self._dirty_logits].zero_()
         self._dirty_rows = self._dirty_logits = 0
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side), torch.no_grad():
-            for _ in range(2):
-                self._forward(bucket)
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.no_grad(), torch.cuda.graph(graph, pool=self._pool):
-            logits = self._forward(bucket)
-        self._graphs[bucket] = (graph, logits)
+        self._graphs[bucket] = capture_graph(lambda: self._forward(bucket), self.device, self._pool)
 
     def _reset_rows(self, start: int, stop: int) -> None:
         """Rows [start, stop) become padding: token 0 at position 0 in the scratch block."""
@@ -349,6 +357,7 @@ __all__ = [
     "GRAPH_BATCH_SIZES",
     "DecodeGraphRunner",
     "capture_buckets",
+    "capture_graph",
     "choose_bucket",
     "compile_per_model",
     "cuda_graphs_disabled_by_env",

@@ -38,6 +38,7 @@ from torch import nn
 from .cuda_graph import (
     DecodeForward,
     capture_buckets,
+    capture_graph,
     check_graph_pool,
     choose_bucket,
     compile_per_model,
@@ -213,16 +214,7 @@ class PrefillGraphRunner:
         self._reset(0, 0, 0)
         self.seq_lens[:, 0].fill_(bucket)
         self._dirty_seqs = 1
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side), torch.no_grad():
-            for _ in range(2):
-                self._forward(bucket)
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.no_grad(), torch.cuda.graph(graph, pool=self._pool):
-            self._forward(bucket)
-        self._graphs[bucket] = graph
+        self._graphs[bucket] = capture_graph(lambda: self._forward(bucket), self.device, self._pool)[0]
 
 
 # ----------------------------------------------------------------------------- compiled prefill
