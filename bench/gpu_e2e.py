@@ -280,13 +280,26 @@ def section_bs1(name: str, hf, session: Session, mc: ModelConfig, res: dict, arg
         comp = None  # drop its KV pool and graphs now
         session.compile_decode_graphs = False
     if args.fused:
+        from runtime_lib.kernels.pdl import DISABLE_ENV as PDL_ENV
+        from runtime_lib.kernels.pdl import pdl_enabled
+
         fused = make_runner(session, graphs=True, fused=True)
         ms = decode_ms_per_token(lambda k: our_generate(fused, prompt, k), n)
         replay_ms = graph_replay_ms(fused)
         record("ours CUDA graphs + fused small-batch step", ms, graph_replay_ms=replay_ms,
-               host_overhead_ms=ms - replay_ms)
+               host_overhead_ms=ms - replay_ms, pdl=pdl_enabled(torch.device(args.device)))
         out["profile_fused"] = profile_step(lambda: our_generate(fused, prompt, 17), steps=16)
         fused = None
+        if pdl_enabled(torch.device(args.device)):  # the same step in plain stream order, for scale
+            os.environ[PDL_ENV] = "0"
+            try:
+                plain = make_runner(session, graphs=True, fused=True)
+                ms = decode_ms_per_token(lambda k: our_generate(plain, prompt, k), n)
+                record("ours CUDA graphs + fused small-batch step, PDL off", ms,
+                       graph_replay_ms=graph_replay_ms(plain))
+                plain = None
+            finally:
+                del os.environ[PDL_ENV]
     hf_n = min(n, args.hf_tokens)
     if hf_n > 0:
         record("HF generate eager", decode_ms_per_token(lambda k: hf_generate(hf, prompt, k), hf_n, repeats=1),
@@ -605,11 +618,12 @@ def profile_engine_window(engine: LLMEngine, delay_s: float, out: dict, key: str
         torch.cuda.synchronize()
         steps = max(1, engine.stats().num_steps_total - steps0)
         wall_us = (time.perf_counter() - t0) * 1e6
-    cats, _, _ = kernel_totals(prof)
+    cats, _, top = kernel_totals(prof)
     stacks = sample_thread_stacks(engine._thread, window_s)  # the next window_s of the same run
     out.setdefault("engine_profile", {})[key] = {
         "steps": steps, "wall_ms_per_step": wall_us / steps / 1e3, "gpu_busy_pct": 100 * sum(cats.values()) / wall_us,
         "kernel_ms_per_step": {c: v / steps / 1e3 for c, v in sorted(cats.items(), key=lambda x: -x[1])},
+        "top_kernels_ms_per_step": [(round(us / steps / 1e3, 3), n, name) for us, n, name in top[:15]],
         "engine_thread_samples": stacks}
     log(f"engine profile {key}: {out['engine_profile'][key]}")
 

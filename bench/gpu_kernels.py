@@ -5,6 +5,7 @@ One command, from the repository root, on a CUDA machine:
     python3 bench/gpu_kernels.py                      # correctness + decode/prefill timings (~1 min)
     python3 bench/gpu_kernels.py --sections sweep     # launch-parameter search for both kernels
     python3 bench/gpu_kernels.py --quick              # fewer shapes (smoke run)
+    python3 bench/gpu_kernels.py --sections offline   # big-batch decode knobs + cuBLAS GEMMs by row count
 
 Shapes are Llama-3.1-8B attention (32 query heads, 8 KV heads, head 128, bf16). Decode compares
 the Triton split-K kernel, the torch reference (gather the paged cache + SDPA) and SDPA over a
@@ -89,6 +90,7 @@ class Report:
     prefill: list[PrefillRow] = field(default_factory=list)
     sweep: list[dict] = field(default_factory=list)
     graph_bound: list[dict] = field(default_factory=list)
+    gemm: list[dict] = field(default_factory=list)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -403,7 +405,7 @@ def _sweep(report: Report, kernel: str, shapes: list[tuple[str, PagedBatch]], co
 
 
 def run_sweep(report: Report) -> None:
-    from runtime_lib.kernels.paged_attention import DecodeTuning, paged_decode_attention
+    from runtime_lib.kernels.paged_attention import DecodeTuning
     from runtime_lib.kernels.varlen_attention import VarlenTuning, paged_varlen_attention
 
     def varlen_launch(b: PagedBatch, out: torch.Tensor, tuning: VarlenTuning) -> None:
@@ -420,18 +422,56 @@ def run_sweep(report: Report) -> None:
     del shapes
     torch.cuda.empty_cache()
 
-    def decode_launch(b: PagedBatch, out: torch.Tensor, tuning: DecodeTuning) -> None:
-        m = b.meta
-        paged_decode_attention(b.q, b.kv, m.block_tables, m.context_lens, b.scale, None, m.max_context_len,
-                               out=out, tuning=tuning)
-
     shapes = [(f"B{B}/{ctx}", make_paged_batch([1] * B, [ctx] * B))
               for B in (1, 8, 64, 256) for ctx in (1024, 4096)]
     configs = [DecodeTuning(bn, mp, w, st) for bn in (32, 64, 128) for mp in (512, 1024, 2048) for w in (2, 4)
                for st in (2, 3)]
-    _sweep(report, "decode", shapes, configs, graph_us, decode_launch)
+    _sweep(report, "decode", shapes, configs, graph_us, _decode_launch)
     del shapes
     torch.cuda.empty_cache()
+
+
+def _decode_launch(b: PagedBatch, out: torch.Tensor, tuning) -> None:
+    from runtime_lib.kernels.paged_attention import paged_decode_attention
+
+    m = b.meta
+    paged_decode_attention(b.q, b.kv, m.block_tables, m.context_lens, b.scale, None, m.max_context_len,
+                           out=out, tuning=tuning)
+
+
+def run_offline_shapes(report: Report) -> None:
+    """The offline benchmarks' big decode steps: the decode kernel's launch knobs at their
+    batches and contexts (1000/1000 at batch 192-224, 128/128 at 512), and cuBLAS GEMMs of the
+    8B projections at those row counts (TFLOP/s and weight GB/s; the step's two bounds)."""
+    from runtime_lib.kernels.paged_attention import DecodeTuning
+
+    shapes = [(f"B{B}/{ctx}", make_paged_batch([1] * B, [ctx] * B))
+              for B, ctx in ((192, 1024), (192, 1536), (224, 2000), (512, 192))]
+    for name, b in shapes:
+        kv_bytes = 2 * b.meta.context_lens.sum().item() * NUM_KV_HEADS * HEAD_SIZE * b.kv.element_size()
+        us = graph_us(functools.partial(_decode_launch, b, torch.empty_like(b.q), DecodeTuning()))
+        print(f"  decode {name}: default {us:.1f} us, {kv_bytes / us / 1e3:.0f} GB/s "
+              f"({100 * kv_bytes / us / 1e3 / report.copy_gbps:.1f}% copy)")
+    configs = [DecodeTuning(bn, 2048, w, st) for bn in (32, 64, 128) for w in (2, 4, 8) for st in (2, 3, 4)]
+    _sweep(report, "decode-offline", shapes, configs, graph_us, _decode_launch)
+    del shapes
+    torch.cuda.empty_cache()
+
+    print("\ncuBLAS bf16 GEMMs (8B projections), graph replay")
+    shapes_nk = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
+    for m in (192, 224, 256, 384, 512, 1024, 8192):
+        total_us = 0.0
+        for name, (n, k) in shapes_nk.items():
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
+            us = graph_us(lambda x=x, w=w: torch.mm(x, w.t()))
+            total_us += us
+            tflops, gbps = 2 * m * n * k / us / 1e6, 2 * n * k / us / 1e3
+            report.gemm.append({"rows": m, "matrix": name, "n": n, "k": k, "us": us, "tflops": tflops,
+                                "weight_gbps": gbps})
+            print(f"  M={m:5d} {name:8s} {us:8.1f} us  {tflops:6.0f} TFLOP/s  {gbps:6.0f} GB/s")
+        print(f"  M={m:5d} layer total {total_us:8.1f} us -> 32 layers {32 * total_us / 1e3:.2f} ms "
+              f"({32 * total_us / m:.1f} us per row)")
 
 
 # ----------------------------------------------------------------------------- output
@@ -480,8 +520,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer shapes")
     parser.add_argument("--sections", default="checks,decode,prefill",
-                        help="comma list of checks,decode,prefill,sweep,graphbound (sweep: launch-parameter "
-                             "search; graphbound: decode in a graph captured for 128k tokens)")
+                        help="comma list of checks,decode,prefill,sweep,graphbound,offline (sweep: launch-parameter "
+                             "search; graphbound: decode in a graph captured for 128k tokens; offline: decode "
+                             "knobs and cuBLAS GEMMs at the offline benchmarks' batches)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("gpu_kernels: no CUDA device, skipping")
@@ -510,6 +551,8 @@ def main() -> int:
         run_sweep(report)
     if "graphbound" in sections:
         run_graph_bound_bench(report)
+    if "offline" in sections:
+        run_offline_shapes(report)
 
     tag = "" if sections == {"checks", "decode", "prefill"} else "-" + "-".join(sorted(sections))
     stem = results_stem("gpu_kernels", report.device, report.date, tag)

@@ -107,8 +107,8 @@ class LLMEngine:
         self.blocks = BlocksManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self._graph_runner = self.session.enable_cuda_graphs(
             self.kv_cache, max_batch_size=config.max_num_seqs, max_seq_len=self.max_seq_len,
-            scratch_block=num_blocks, compile=config.compile_decode,
-            fused=config.fused_decode) if config.cuda_graphs else None
+            scratch_block=num_blocks, compile=config.compile_decode, fused=config.fused_decode,
+            max_step_tokens=config.max_num_batched_tokens) if config.cuda_graphs else None
         if self._graph_runner is not None and config.capture_graphs_at_start:
             # Pay graph captures (and compilation) now, not in the first requests' latency.
             self._graph_runner.capture()

@@ -21,6 +21,8 @@ the decode forward with this when `Session.fused_decode` is on and the model is 
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -63,28 +65,32 @@ def llama_fused_decode_forward(model: nn.Module, input_ids: torch.Tensor, positi
     """`LlamaForCausalLM.forward` + `compute_logits` for one token per row through the
     fused kernels: input_ids/positions (B,), kv_cache (L, 2, nb, bs, kvh, d) -> logits (N, V) fp32."""
     from .kernels.paged_attention import paged_decode_attention
+    from .kernels.pdl import pdl_enabled
     from .kernels.rope_kv import rope_kv_write
     from .kernels.small_linear import small_linear
 
     B = input_ids.shape[0]
+    # Each kernel starts streaming its weights while the previous one finishes (kernels/pdl.py).
+    pdl = pdl_enabled(input_ids.device)
+    linear = functools.partial(small_linear, pdl=pdl)
     x = model.embed_tokens(input_ids)                                                 # (B, H)
     for i, layer in enumerate(model.layers):
         attn, mlp = layer.self_attn, layer.mlp
         kv_layer = kv_cache[i]
-        qkv = small_linear(x, attn.qkv_proj.weight, bias=attn.qkv_proj.bias, prologue="rmsnorm",
-                           norm_weight=layer.input_layernorm.weight, eps=layer.input_layernorm.eps)
+        qkv = linear(x, attn.qkv_proj.weight, bias=attn.qkv_proj.bias, prologue="rmsnorm",
+                     norm_weight=layer.input_layernorm.weight, eps=layer.input_layernorm.eps)
         q = rope_kv_write(qkv, positions, attn.rotary.cos_cache, attn.rotary.sin_cache, kv_layer,
-                          meta.slot_mapping, attn.num_heads, attn.num_kv_heads)             # (B, h, d)
+                          meta.slot_mapping, attn.num_heads, attn.num_kv_heads, pdl=pdl)     # (B, h, d)
         out = paged_decode_attention(q, kv_layer, meta.block_tables, meta.context_lens, attn.scale,
-                                     attn.sliding_window, meta.max_context_len)          # (B, h, d)
-        x = small_linear(out.view(B, attn.q_size), attn.o_proj.weight, bias=attn.o_proj.bias, residual=x)
-        gate_up = small_linear(x, mlp.gate_up_proj.weight, prologue="rmsnorm",
-                               norm_weight=layer.post_attention_layernorm.weight,
-                               eps=layer.post_attention_layernorm.eps)                   # (B, 2I)
-        x = small_linear(gate_up, mlp.down_proj.weight, prologue="silu_mul", residual=x)  # (B, H)
+                                     attn.sliding_window, meta.max_context_len, pdl=pdl)  # (B, h, d)
+        x = linear(out.view(B, attn.q_size), attn.o_proj.weight, bias=attn.o_proj.bias, residual=x)
+        gate_up = linear(x, mlp.gate_up_proj.weight, prologue="rmsnorm",
+                         norm_weight=layer.post_attention_layernorm.weight,
+                         eps=layer.post_attention_layernorm.eps)                         # (B, 2I)
+        x = linear(gate_up, mlp.down_proj.weight, prologue="silu_mul", residual=x)       # (B, H)
     lm_weight = model.embed_tokens.weight if model.lm_head is None else model.lm_head.weight
-    return small_linear(x[logits_indices], lm_weight, prologue="rmsnorm", norm_weight=model.norm.weight,
-                        eps=model.norm.eps, out_dtype=torch.float32)                    # (N, V)
+    return linear(x[logits_indices], lm_weight, prologue="rmsnorm", norm_weight=model.norm.weight,
+                  eps=model.norm.eps, out_dtype=torch.float32)                          # (N, V)
 
 
 def make_fused_decode_forward(model: nn.Module, fallback):

@@ -15,7 +15,8 @@ Output: logits (N, vocab) float32.
 CUDA graphs: after `enable_cuda_graphs(kv_cache, ...)`, a decode-only step (one token per
 sequence) over that pool replays a captured graph (runtime_lib/cuda_graph.py), and a prefill
 or mixed step of up to `prefill_graph_max_tokens` tokens replays a token-bucket graph
-(runtime_lib/prefill_graph.py); larger steps run eagerly. The replayed logits are a view of
+(runtime_lib/prefill_graph.py); larger steps run the compiled prefill forward unpadded (up to
+the `max_step_tokens` given, when compiled) or else eagerly. The replayed logits are a view of
 the graph's static output, valid until the next `run` over the same pool.
 """
 from __future__ import annotations
@@ -182,7 +183,8 @@ class Session:
 
     # --- CUDA graphs ------------------------------------------------------------------------
     def enable_cuda_graphs(self, kv_cache: torch.Tensor, *, max_batch_size: int, max_seq_len: int,
-                           scratch_block: int, compile: bool | None = None, fused: bool | None = None):
+                           scratch_block: int, compile: bool | None = None, fused: bool | None = None,
+                           max_step_tokens: int = 0):
         """Replay decode steps over `kv_cache` from CUDA graphs (captured lazily per bucket).
 
         `scratch_block`: a block of the pool no sequence owns (allocate one extra). Returns the
@@ -193,7 +195,9 @@ class Session:
         (`max_batch_size` sequences per step; RUNTIME_LIB_PREFILL_GRAPHS=0 turns it off), alive
         as long as the decode runner is. One-row decode steps of supported models run the fused
         Triton step (`fused_decode.py`) when `fused` (default: `self.fused_decode`) is on
-        (RUNTIME_LIB_FUSED_DECODE=0: off); larger ones the compiled (`compile`) or eager forward."""
+        (RUNTIME_LIB_FUSED_DECODE=0: off); larger ones the compiled (`compile`) or eager forward.
+        With a compiled prefill forward, steps past the largest token bucket and up to
+        `max_step_tokens` (the caller's step budget) run it unpadded, without a graph."""
         from .cuda_graph import (
             DecodeGraphRunner,
             cuda_graphs_disabled_by_env,
@@ -226,13 +230,14 @@ class Session:
         prefill = None
         if self.prefill_graph_max_tokens > 0 and not prefill_graphs_disabled_by_env():
             compile_prefill = compile if self.compile_prefill_graphs is None else self.compile_prefill_graphs
-            prefill_forward = self._backend.forward
+            prefill_forward, unpadded = self._backend.forward, 0
             if compile_prefill and supports_compiled_decode(model):
-                prefill_forward = make_compiled_prefill_forward(model)
+                prefill_forward, unpadded = make_compiled_prefill_forward(model), max_step_tokens
             # One memory pool for both: graphs replay one at a time on one stream.
             prefill = PrefillGraphRunner(prefill_forward, kv_cache, max_num_seqs=max_batch_size,
                                          max_seq_len=max_seq_len, scratch_block=scratch_block,
-                                         max_num_tokens=self.prefill_graph_max_tokens, pool=runner.graph_pool)
+                                         max_num_tokens=self.prefill_graph_max_tokens, pool=runner.graph_pool,
+                                         max_unpadded_tokens=unpadded)
         self._graph_runners[runner] = prefill
         return runner
 

@@ -26,6 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .pdl import wait_for_previous
+
 LOG2E = 1.4426950408889634
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -82,7 +84,10 @@ def mma(a, b, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     return c
 
 
-@triton.jit
+# Host ints that change from step to step are plain arguments, not specialised (a new value
+# divisible by 16, or a new constexpr, would JIT-compile a new variant in the middle of serving).
+@triton.jit(do_not_specialize=["num_partitions", "slices_wanted", "min_partition",
+                               "max_partition", "stride_bt"])
 def _decode_partition_kernel(
     out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr, arrivals_ptr,
     q_ptr, k_ptr, v_ptr, block_tables_ptr, context_lens_ptr, cu_q_ptr,
@@ -91,13 +96,14 @@ def _decode_partition_kernel(
     stride_kblk, stride_kslot, stride_khead,
     stride_bt,
     stride_ob, stride_oh,
-    num_heads, num_kv_heads, num_partitions, slices_wanted,
+    num_heads, num_kv_heads, num_partitions, slices_wanted, min_partition, max_partition,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr,
     HEAD_SIZE: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, MIN_PARTITION: tl.constexpr, MAX_PARTITION: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
     USE_PARTITIONS: tl.constexpr, HAS_WINDOW: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    DOT_UPCAST: tl.constexpr, MIXED: tl.constexpr,
+    DOT_UPCAST: tl.constexpr, MIXED: tl.constexpr, USE_PDL: tl.constexpr,
 ):
+    wait_for_previous(USE_PDL)  # q, the cache and the arrival counters come from earlier kernels
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     part = tl.program_id(2)
@@ -113,10 +119,10 @@ def _decode_partition_kernel(
     ctx = tl.load(context_lens_ptr + seq)
     # The grid's partition count is fixed (by the host's max_context_len, a graph's capture
     # bound); each row cuts its own context into ~slices_wanted slices (enough programs to fill
-    # the GPU at this batch), each MIN..MAX_PARTITION tokens, so a short row in a long-context
+    # the GPU at this batch), each min..max_partition tokens, so a short row in a long-context
     # graph runs few slices and a long one as many as the GPU needs.
     part_size = tl.cdiv(tl.cdiv(ctx, slices_wanted), BLOCK_N) * BLOCK_N
-    part_size = tl.minimum(tl.maximum(part_size, MIN_PARTITION), MAX_PARTITION)
+    part_size = tl.minimum(tl.maximum(part_size, min_partition), max_partition)
     part_start = part * part_size
     offs_g = tl.arange(0, BLOCK_G)
     offs_d = tl.arange(0, BLOCK_D)
@@ -253,14 +259,15 @@ def paged_decode_attention(q: torch.Tensor, kv_layer: torch.Tensor, block_tables
                            context_lens: torch.Tensor, scale: float, sliding_window: int | None = None,
                            max_context_len: int | None = None, *, partition_size: int | None = None,
                            out: torch.Tensor | None = None,
-                           tuning: DecodeTuning = DEFAULT_DECODE_TUNING) -> torch.Tensor:
+                           tuning: DecodeTuning = DEFAULT_DECODE_TUNING, pdl: bool = False) -> torch.Tensor:
     """Attention of one new token per sequence over its paged context (which already holds it).
 
     q: (B, h, d); kv_layer: (2, num_blocks, block_size, kvh, d); block_tables: (B, max_blocks)
     int32; context_lens: (B,) int32, may be 0 for padded batch slots (their output is 0).
     max_context_len: host upper bound on context_lens (defaults to max_blocks * block_size,
     which needs no sync). partition_size: force the split-K slice length (tests); a power of
-    two >= 16. Returns (B, h, d) in q's dtype, accumulated in fp32.
+    two >= 16. pdl: launch with programmatic dependent launch (kernels/pdl.py).
+    Returns (B, h, d) in q's dtype, accumulated in fp32.
     """
     check_paged_inputs(q, kv_layer, block_tables, context_lens)
     if q.shape[0] != context_lens.shape[0]:
@@ -273,14 +280,14 @@ def paged_decode_attention(q: torch.Tensor, kv_layer: torch.Tensor, block_tables
     if out is None:
         out = torch.empty_like(q)
     return launch_decode(q, kv_layer, block_tables, context_lens, scale, sliding_window, max_context_len,
-                         out, partition_size=partition_size, tuning=tuning)
+                         out, partition_size=partition_size, tuning=tuning, pdl=pdl)
 
 
 def launch_decode(q: torch.Tensor, kv_layer: torch.Tensor, block_tables: torch.Tensor,
                   context_lens: torch.Tensor, scale: float, sliding_window: int | None,
                   max_context_len: int | None, out: torch.Tensor, *, partition_size: int | None = None,
                   tuning: DecodeTuning = DEFAULT_DECODE_TUNING,
-                  cu_query_lens: torch.Tensor | None = None) -> torch.Tensor:
+                  cu_query_lens: torch.Tensor | None = None, pdl: bool = False) -> torch.Tensor:
     """Launch the decode kernels on validated inputs. With `cu_query_lens` (B+1,), q and out
     are the (T, h, d) tokens of a mixed batch and only sequences with exactly one query token
     are computed (written at their row); the varlen kernel covers the others."""
@@ -330,12 +337,12 @@ def launch_decode(q: torch.Tensor, kv_layer: torch.Tensor, block_tables: torch.T
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0),
         out.stride(0), out.stride(1),
-        num_heads, num_kv_heads, num_partitions, slices_wanted,
+        num_heads, num_kv_heads, num_partitions, slices_wanted, min_partition, partition_size,
         GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)),
         HEAD_SIZE=head_size, BLOCK_D=block_d,
-        BLOCK_SIZE=block_size, BLOCK_N=block_n, MIN_PARTITION=min_partition, MAX_PARTITION=partition_size,
+        BLOCK_SIZE=block_size, BLOCK_N=block_n,
         USE_PARTITIONS=use_partitions, HAS_WINDOW=sliding_window is not None,
         INPUT_PRECISION="ieee" if fp32 else "tf32", DOT_UPCAST=interpreter_dot_upcast(q.dtype),
-        MIXED=mixed, num_warps=tuning.num_warps, num_stages=tuning.num_stages,
+        MIXED=mixed, USE_PDL=pdl, num_warps=tuning.num_warps, num_stages=tuning.num_stages, launch_pdl=pdl,
     )
     return out

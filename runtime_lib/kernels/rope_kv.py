@@ -26,6 +26,7 @@ import triton.language as tl
 
 from ..layers.attention import write_kv
 from ..layers.rotary import apply_rotary
+from .pdl import wait_for_previous
 from .rounding import round_to
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -40,8 +41,9 @@ def _rope_kv_kernel(
     stride_out_t, stride_out_h,
     stride_kv_blk, stride_kv_slot, stride_kv_head,
     num_heads, num_kv_heads,
-    BLOCK_SIZE: tl.constexpr, HEAD_SIZE: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, HEAD_SIZE: tl.constexpr, USE_PDL: tl.constexpr,
 ):
+    wait_for_previous(USE_PDL)                  # qkv comes from the previous kernel
     tok = tl.program_id(0)
     head = tl.program_id(1)                     # 0..h-1 q, h..h+kvh-1 k, then v
     HALF: tl.constexpr = HEAD_SIZE // 2
@@ -143,13 +145,15 @@ def check_rope_kv_inputs(qkv: torch.Tensor, positions: torch.Tensor, cos_cache: 
 
 def rope_kv_write(qkv: torch.Tensor, positions: torch.Tensor, cos_cache: torch.Tensor,
                   sin_cache: torch.Tensor, kv_layer: torch.Tensor, slot_mapping: torch.Tensor,
-                  num_heads: int, num_kv_heads: int, out: torch.Tensor | None = None) -> torch.Tensor:
+                  num_heads: int, num_kv_heads: int, out: torch.Tensor | None = None,
+                  pdl: bool = False) -> torch.Tensor:
     """Rotate q and k of the fused projection, write k/v into the paged cache; one launch.
 
     qkv: (T, (h + 2*kvh) * d), last dim contiguous (row stride may be larger); positions: (T,)
     int32/int64; cos_cache/sin_cache: (P, d/2) float32 (RotaryEmbedding's buffers);
     kv_layer: (2, num_blocks, block_size, kvh, d), any supported dtype (cast on store);
     slot_mapping: (T,) flat slots. Returns q rotated as (T, h, d) in qkv's dtype (into `out`).
+    pdl: launch with programmatic dependent launch (kernels/pdl.py).
     """
     head_size = check_rope_kv_inputs(qkv, positions, cos_cache, sin_cache, kv_layer, slot_mapping,
                                      num_heads, num_kv_heads, out)
@@ -165,8 +169,8 @@ def rope_kv_write(qkv: torch.Tensor, positions: torch.Tensor, cos_cache: torch.T
         out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         num_heads, num_kv_heads,
-        BLOCK_SIZE=kv_layer.shape[2], HEAD_SIZE=head_size,
-        num_warps=1 if head_size <= 128 else 2,
+        BLOCK_SIZE=kv_layer.shape[2], HEAD_SIZE=head_size, USE_PDL=pdl,
+        num_warps=1 if head_size <= 128 else 2, launch_pdl=pdl,
         enable_fp_fusion=False,  # eager torch never fuses x1*cos - x2*sin into one FMA
     )
     return out
@@ -174,7 +178,8 @@ def rope_kv_write(qkv: torch.Tensor, positions: torch.Tensor, cos_cache: torch.T
 
 def rope_kv_write_torch(qkv: torch.Tensor, positions: torch.Tensor, cos_cache: torch.Tensor,
                         sin_cache: torch.Tensor, kv_layer: torch.Tensor, slot_mapping: torch.Tensor,
-                        num_heads: int, num_kv_heads: int, out: torch.Tensor | None = None) -> torch.Tensor:
+                        num_heads: int, num_kv_heads: int, out: torch.Tensor | None = None,
+                  pdl: bool = False) -> torch.Tensor:
     """The plain-torch reference and CPU fallback of `rope_kv_write` (same contract): what
     LlamaAttention does eagerly, `apply_rotary` + `write_kv`."""
     head_size = check_rope_kv_inputs(qkv, positions, cos_cache, sin_cache, kv_layer, slot_mapping,

@@ -40,6 +40,7 @@ import triton
 import triton.language as tl
 
 from runtime_lib.kernels.paged_attention import device_parallelism, interpreter_dot_upcast, mma
+from runtime_lib.kernels.pdl import wait_for_previous
 from runtime_lib.kernels.rounding import interpreter_rounds_bf16, round_to
 
 MAX_ROWS = 16
@@ -48,12 +49,39 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 @triton.jit
+def _mac_tile(acc, ss, w, x_rows, norm_w_ptr, offs_k, k_mask, m_mask, K,
+              dt: tl.constexpr, PROLOGUE: tl.constexpr, BLOCK_M: tl.constexpr,
+              INPUT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr, RNE: tl.constexpr):
+    """acc += prologue(x)[:, k-tile] times the (BN, BK) weight tile `w`; ss += rows' x^2."""
+    a_mask = m_mask[:, None] & k_mask[None, :]
+    if PROLOGUE == 2:
+        g = tl.load(x_rows + offs_k[None, :], mask=a_mask, other=0.0).to(tl.float32)
+        u = tl.load(x_rows + K + offs_k[None, :], mask=a_mask, other=0.0).to(tl.float32)
+        s = round_to(g / (1.0 + tl.exp(-g)), dt, RNE)                             # silu, rounded
+        a = round_to(s * u, dt, RNE).to(dt)                                        # (BM, BK)
+    else:
+        a = tl.load(x_rows + offs_k[None, :], mask=a_mask, other=0.0)
+        if PROLOGUE == 1:
+            # RMSNorm is a per-row scale: sum w * (norm_w * x) now, multiply by rsqrt(mean
+            # x^2) at the end, so x is read once and no pass over it precedes the weights.
+            af = a.to(tl.float32)
+            ss += tl.sum(af * af, axis=1)
+            nw = tl.load(norm_w_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)
+            a = af * nw[None, :]
+    if BLOCK_M == 1:
+        acc += w.to(tl.float32) * a.to(tl.float32)                                 # (BN, BK)
+    else:
+        acc += mma(a.to(dt), tl.trans(w), INPUT_PRECISION, DOT_UPCAST)             # (BM, BN)
+    return acc, ss
+
+
+@triton.jit
 def _small_linear_kernel(
     x_ptr, w_ptr, out_ptr, res_ptr, norm_w_ptr, bias_ptr,
     M, N, K, stride_xm, stride_wn, stride_om, stride_rm, eps,
     PROLOGUE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr, RNE: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr, RNE: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     pid = tl.program_id(0)
     dt: tl.constexpr = w_ptr.dtype.element_ty
@@ -65,39 +93,30 @@ def _small_linear_kernel(
     x_rows = x_ptr + offs_m[:, None] * stride_xm                                   # (BM, 1)
     w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn                       # (BN, 1)
 
-    if PROLOGUE == 1:
-        ss = tl.zeros([BLOCK_M], dtype=tl.float32)   # each row's sum of squares, in the same pass
-
+    ss = tl.zeros([BLOCK_M], dtype=tl.float32)   # each row's sum of squares (RMSNorm), same pass
     if BLOCK_M == 1:
-        acc2 = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     else:
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    k_start = 0
+    if USE_PDL:
+        # The weights do not depend on the previous kernel: the first tile streams in while it
+        # finishes. x, the residual and the output are touched only after the wait (kernels/pdl.py).
+        k_mask = offs_k0 < K
+        w = tl.load(w_rows + offs_k0[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
+        wait_for_previous(USE_PDL)
+        acc, ss = _mac_tile(acc, ss, w, x_rows, norm_w_ptr, offs_k0, k_mask, m_mask, K,
+                            dt, PROLOGUE, BLOCK_M, INPUT_PRECISION, DOT_UPCAST, RNE)
+        k_start = BLOCK_K
+    for k0 in range(k_start, K, BLOCK_K):
         offs_k = k0 + offs_k0
         k_mask = offs_k < K
-        a_mask = m_mask[:, None] & k_mask[None, :]
         w = tl.load(w_rows + offs_k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)  # (BN, BK)
-        if PROLOGUE == 2:
-            g = tl.load(x_rows + offs_k[None, :], mask=a_mask, other=0.0).to(tl.float32)
-            u = tl.load(x_rows + K + offs_k[None, :], mask=a_mask, other=0.0).to(tl.float32)
-            s = round_to(g / (1.0 + tl.exp(-g)), dt, RNE)                         # silu, rounded
-            a = round_to(s * u, dt, RNE).to(dt)                                    # (BM, BK)
-        else:
-            a = tl.load(x_rows + offs_k[None, :], mask=a_mask, other=0.0)
-            if PROLOGUE == 1:
-                # RMSNorm is a per-row scale: sum w * (norm_w * x) now, multiply by rsqrt(mean
-                # x^2) at the end, so x is read once and no pass over it precedes the weights.
-                af = a.to(tl.float32)
-                ss += tl.sum(af * af, axis=1)
-                nw = tl.load(norm_w_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)
-                a = af * nw[None, :]
-        if BLOCK_M == 1:
-            acc2 += w.to(tl.float32) * a.to(tl.float32)                            # (BN, BK)
-        else:
-            acc += mma(a.to(dt), tl.trans(w), INPUT_PRECISION, DOT_UPCAST)          # (BM, BN)
+        acc, ss = _mac_tile(acc, ss, w, x_rows, norm_w_ptr, offs_k, k_mask, m_mask, K,
+                            dt, PROLOGUE, BLOCK_M, INPUT_PRECISION, DOT_UPCAST, RNE)
 
     if BLOCK_M == 1:
-        y = tl.sum(acc2, axis=1)[None, :]                                          # (1, BN)
+        y = tl.sum(acc, axis=1)[None, :]                                          # (1, BN)
     else:
         y = acc
     if PROLOGUE == 1:
@@ -172,12 +191,13 @@ def small_linear(x: torch.Tensor, weight: torch.Tensor, *, bias: torch.Tensor | 
                  residual: torch.Tensor | None = None, prologue: str = "none",
                  norm_weight: torch.Tensor | None = None, eps: float = 1e-6,
                  out_dtype: torch.dtype | None = None, out: torch.Tensor | None = None,
-                 tuning: LinearTuning | None = None) -> torch.Tensor:
+                 tuning: LinearTuning | None = None, pdl: bool = False) -> torch.Tensor:
     """y = prologue(x) @ weight.T (+ bias) (+ residual) for 1..16 rows; see the module docstring.
 
     x: (M, K), or (M, 2K) for "silu_mul" (gate then up, as the fused gate_up projection writes
     them); weight: (N, K); bias: (N,); residual: (M, N); norm_weight: (K,) for "rmsnorm".
     Returns (M, N) in `out_dtype` (default: weight's dtype), rounded to weight's dtype first.
+    pdl: launch with programmatic dependent launch (kernels/pdl.py; caller checks `pdl_enabled`).
     Host-side checks only (no device sync), so the call can be captured in a CUDA graph."""
     if prologue not in PROLOGUES:
         raise ValueError(f"prologue must be one of {sorted(PROLOGUES)}, got {prologue!r}")
@@ -223,8 +243,8 @@ def small_linear(x: torch.Tensor, weight: torch.Tensor, *, bias: torch.Tensor | 
         PROLOGUE=PROLOGUES[prologue], HAS_BIAS=bias is not None, HAS_RES=residual is not None,
         BLOCK_M=block_m, BLOCK_N=tuning.block_n, BLOCK_K=tuning.block_k,
         INPUT_PRECISION="ieee" if weight.dtype == torch.float32 else "tf32",
-        DOT_UPCAST=interpreter_dot_upcast(weight.dtype), RNE=interpreter_rounds_bf16(),
-        num_warps=tuning.num_warps, num_stages=tuning.num_stages,
+        DOT_UPCAST=interpreter_dot_upcast(weight.dtype), RNE=interpreter_rounds_bf16(), USE_PDL=pdl,
+        num_warps=tuning.num_warps, num_stages=tuning.num_stages, launch_pdl=pdl,
     )
     return out
 

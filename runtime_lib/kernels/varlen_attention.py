@@ -92,7 +92,7 @@ def _attend_tile(acc, m_i, l_i, q, q_abs, kv_start, hi, seq,
     return acc, m_new, l_i
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_seqs", "stride_bt"])  # they change every step: no re-JIT
 def _varlen_kernel(
     out_ptr, q_ptr, k_ptr, v_ptr, block_tables_ptr, context_lens_ptr, cu_q_ptr,
     scale_log2, window, num_seqs, num_kv_heads,

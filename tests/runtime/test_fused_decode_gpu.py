@@ -97,3 +97,28 @@ def test_split_k_merge_in_one_launch_is_right_on_every_graph_replay():
         ref = paged_attention_torch(q.float(), kv.float(), meta, d ** -0.5)
         torch.testing.assert_close(out.float(), ref, rtol=2e-2, atol=2e-2)
         assert not arrival_counters(q.device, B * kvh).any(), f"counters left set after replay {i}"
+
+
+def test_programmatic_dependent_launch_changes_no_bit_of_the_fused_step(llama_dir, monkeypatch):
+    """PDL only lets a kernel start streaming weights before its predecessor ends; greedy tokens
+    and the last step's logits are bit-identical with it switched off (bf16, CUDA graphs)."""
+    from runtime_lib.kernels.pdl import DISABLE_ENV, pdl_enabled
+    from runtime_lib.model_runner import ModelRunner
+
+    if not pdl_enabled(torch.device("cuda")):
+        pytest.skip("PDL needs sm_90+")
+    prompts = [torch.tensor([1, 17, 42, 99, 250, 7]), torch.tensor([1, 300, 5, 5, 8, 120, 64, 33, 390])]
+
+    def run():
+        runner = ModelRunner.from_dir(llama_dir, device="cuda", dtype="bfloat16", gather_generation_logits=True)
+        outs = [runner.generate([p], max_new_tokens=32, end_id=-1, pad_id=3, return_dict=True) for p in prompts]
+        return [o["output_ids"] for o in outs], [o["generation_logits"] for o in outs]
+
+    ids_pdl, logits_pdl = run()
+    monkeypatch.setenv(DISABLE_ENV, "0")
+    assert not pdl_enabled(torch.device("cuda"))
+    ids_plain, logits_plain = run()
+    for a, b in zip(ids_pdl, ids_plain):
+        assert torch.equal(a, b)
+    for a, b in zip(logits_pdl, logits_plain):
+        assert torch.equal(a, b)

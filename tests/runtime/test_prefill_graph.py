@@ -165,6 +165,26 @@ def test_steps_the_runner_was_not_built_for_are_refused(model):
         runner_step(runner, step_inputs(prompt_rows([0, 1, 2])))
 
 
+def test_steps_past_the_largest_bucket_run_unpadded_up_to_max_unpadded_tokens(model):
+    """A step larger than every bucket runs the forward at its own size (no padding sequence)
+    when it fits `max_unpadded_tokens`, and leaves later padded steps as they were."""
+    eager_kv, runner_kv = fresh_cache(model), fresh_cache(model)
+    runner = PrefillGraphRunner(TorchBackend(model).forward, runner_kv, max_num_seqs=4, max_seq_len=28,
+                                scratch_block=SCRATCH, max_num_tokens=16, use_cuda_graph=False,
+                                max_unpadded_tokens=24)
+    assert runner.buckets == (16,) and runner.can_run(24, 4, 28, 7, 4) and not runner.can_run(25, 4, 28, 7, 4)
+    big = step_inputs(prompt_rows([0, 1, 2, 3]))        # 23 tokens: past the bucket, unpadded
+    torch.testing.assert_close(runner_step(runner, big), eager_step(model, eager_kv, big), rtol=1e-5, atol=1e-5)
+    assert runner.seq_lens[:, 4].tolist() == [0, 0]     # no padding sequence
+    assert torch.equal(runner_kv[:, :, SCRATCH], eager_kv[:, :, SCRATCH])  # nothing written to scratch
+    small = step_inputs([decode_row(1, 21), decode_row(3, 22)])  # back to the padded bucket of 16
+    torch.testing.assert_close(runner_step(runner, small), eager_step(model, eager_kv, small), rtol=1e-5, atol=1e-5)
+    assert_same_live_cache_and_scratch_slot_0_only(runner_kv, eager_kv)
+    with pytest.raises(ValueError, match="max_unpadded_tokens must be >= 0, got -1"):
+        PrefillGraphRunner(TorchBackend(model).forward, runner_kv, max_num_seqs=4, max_seq_len=28,
+                           scratch_block=SCRATCH, use_cuda_graph=False, max_unpadded_tokens=-1)
+
+
 def test_runner_validates_its_arguments(model):
     kv = allocate_kv_cache(model.config, NUM_BLOCKS, BLOCK_SIZE)
     fwd = TorchBackend(model).forward
@@ -237,14 +257,14 @@ def test_compiled_prefill_in_the_runner_matches_eager_across_two_buckets(model):
 
 
 # ----------------------------------------------------------------------------- GPU
-def _gpu_session_steps(llama_dir, compile_: bool):
+def _gpu_session_steps(llama_dir, compile_: bool, graph_tokens: int = 64, max_step_tokens: int = 0):
     model = load_model(llama_dir, device="cuda", dtype="float32")
     session = Session(TorchBackend(model), model.config)
-    session.prefill_graph_max_tokens = 64
+    session.prefill_graph_max_tokens = graph_tokens
     kv = session.allocate_kv_cache(NUM_BLOCKS, BLOCK_SIZE)
     eager_kv = kv.clone()
     decode = session.enable_cuda_graphs(kv, max_batch_size=4, max_seq_len=28, scratch_block=SCRATCH,
-                                        compile=compile_)
+                                        compile=compile_, max_step_tokens=max_step_tokens)
     prefill = session.prefill_graph_runner(kv)
     assert decode is not None and prefill is not None
     tables = block_tables()
@@ -259,7 +279,9 @@ def _gpu_session_steps(llama_dir, compile_: bool):
         expected = eager_step(model, eager_kv, inputs)
         torch.testing.assert_close(out["logits"], expected, rtol=1e-4, atol=1e-4)
     assert prefill.num_replays == 3 and decode.num_replays == 1
-    assert prefill.captured_buckets == (16,)
+    # Prefill / mixed steps of 10, 9 and 6 tokens: all in bucket 16; with one bucket of 8, the
+    # first two run unpadded and only the last replays a graph.
+    assert prefill.captured_buckets == ((16,) if graph_tokens >= 16 else (8,))
     torch.testing.assert_close(kv[:, :, LIVE], eager_kv[:, :, LIVE], rtol=1e-4, atol=1e-4)
 
 
@@ -274,3 +296,10 @@ def test_session_replays_prefill_and_mixed_steps_from_graphs_with_the_eager_logi
 def test_compiled_prefill_graphs_give_the_eager_logits(llama_dir):
     torch._dynamo.reset()
     _gpu_session_steps(llama_dir, compile_=True)
+
+
+@needs_cuda
+@pytest.mark.gpu
+def test_compiled_steps_past_the_largest_bucket_run_unpadded_with_the_eager_logits(llama_dir):
+    torch._dynamo.reset()
+    _gpu_session_steps(llama_dir, compile_=True, graph_tokens=8, max_step_tokens=64)
