@@ -337,6 +337,8 @@ def kernel_category(name: str) -> str:
     n = name.lower()
     if "small_linear" in n:
         return "matmul (fused small_linear)"
+    if "qkv_rope_kv" in n:
+        return "matmul (fused qkv + rope + kv write)"
     if "rope_kv" in n:
         return "rope + kv write"
     if "decode_partition" in n or "decode_reduce" in n or "varlen" in n or "flash" in n or "attention" in n:

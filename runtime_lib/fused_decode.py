@@ -1,11 +1,11 @@
 """Fused decode step for one row (batch-1 decode, Llama family on the GPU).
 
 At batch 1 the step is bound by streaming the weights once, and what keeps it from that bound
-is the number of launches between the matmuls. This forward runs each layer in five Triton
-launches, against ~11 for the compiled step and ~60 eagerly:
+is the number of launches between the matmuls. This forward runs each layer in four Triton
+launches, against ~11 for the compiled step and ~60 eagerly, each launched with programmatic
+dependent launch on Hopper (kernels/pdl.py: it streams its weights while its predecessor ends):
 
-    qkv   = small_linear(x, W_qkv, prologue=RMSNorm)            input_layernorm fused in
-    q     = rope_kv_write(qkv)                                  RoPE on q and k, k/v into the cache
+    q     = qkv_rope_kv(x, W_qkv)                               input_layernorm, RoPE, K/V write fused in
     attn  = paged decode attention(q)
     x     = small_linear(attn, W_o, residual=x)                 residual add fused in
     gu    = small_linear(x, W_gate_up, prologue=RMSNorm)        post_attention_layernorm fused in
@@ -15,7 +15,8 @@ and the logits are one more `small_linear` with the final norm fused in. In fp32
 the eager forward up to summation order; in bf16 the RMSNorm rounds at other points than eager
 does (kernels/small_linear.py), within bf16 rounding of it. Larger batches take the `fallback`
 forward (the compiled or eager one): from two rows on, cuBLAS's tensor-core GEMMs beat these
-CUDA-core GEMVs. `Session.enable_cuda_graphs` wraps
+CUDA-core GEMVs (called with several rows, as the CPU tests do, the qkv step is `small_linear`
+then `rope_kv_write`). `Session.enable_cuda_graphs` wraps
 the decode forward with this when `Session.fused_decode` is on and the model is supported
 (`fused_decode_unsupported_reason`); RUNTIME_LIB_FUSED_DECODE=0 turns it off.
 """
@@ -66,6 +67,7 @@ def llama_fused_decode_forward(model: nn.Module, input_ids: torch.Tensor, positi
     fused kernels: input_ids/positions (B,), kv_cache (L, 2, nb, bs, kvh, d) -> logits (N, V) fp32."""
     from .kernels.paged_attention import paged_decode_attention
     from .kernels.pdl import pdl_enabled
+    from .kernels.qkv_rope_kv import qkv_rope_kv
     from .kernels.rope_kv import rope_kv_write
     from .kernels.small_linear import small_linear
 
@@ -77,10 +79,16 @@ def llama_fused_decode_forward(model: nn.Module, input_ids: torch.Tensor, positi
     for i, layer in enumerate(model.layers):
         attn, mlp = layer.self_attn, layer.mlp
         kv_layer = kv_cache[i]
-        qkv = linear(x, attn.qkv_proj.weight, bias=attn.qkv_proj.bias, prologue="rmsnorm",
-                     norm_weight=layer.input_layernorm.weight, eps=layer.input_layernorm.eps)
-        q = rope_kv_write(qkv, positions, attn.rotary.cos_cache, attn.rotary.sin_cache, kv_layer,
-                          meta.slot_mapping, attn.num_heads, attn.num_kv_heads, pdl=pdl)     # (B, h, d)
+        norm = layer.input_layernorm
+        rope = (positions, attn.rotary.cos_cache, attn.rotary.sin_cache, kv_layer, meta.slot_mapping,
+                attn.num_heads, attn.num_kv_heads)
+        if B == 1:  # one launch: projection, RoPE and the K/V write
+            q = qkv_rope_kv(x, attn.qkv_proj.weight, norm.weight, norm.eps, *rope, bias=attn.qkv_proj.bias,
+                            pdl=pdl)                                                          # (1, h, d)
+        else:
+            qkv = linear(x, attn.qkv_proj.weight, bias=attn.qkv_proj.bias, prologue="rmsnorm",
+                         norm_weight=norm.weight, eps=norm.eps)
+            q = rope_kv_write(qkv, *rope, pdl=pdl)                                            # (B, h, d)
         out = paged_decode_attention(q, kv_layer, meta.block_tables, meta.context_lens, attn.scale,
                                      attn.sliding_window, meta.max_context_len, pdl=pdl)  # (B, h, d)
         x = linear(out.view(B, attn.q_size), attn.o_proj.weight, bias=attn.o_proj.bias, residual=x)

@@ -28,10 +28,10 @@ def fused():
     from triton.runtime.interpreter import InterpretedFunction
 
     from runtime_lib import fused_decode
-    from runtime_lib.kernels import paged_attention, rope_kv, small_linear
+    from runtime_lib.kernels import paged_attention, qkv_rope_kv, rope_kv, small_linear
 
     for module, kernel in ((paged_attention, "_decode_partition_kernel"), (rope_kv, "_rope_kv_kernel"),
-                           (small_linear, "_small_linear_kernel")):
+                           (small_linear, "_small_linear_kernel"), (qkv_rope_kv, "_qkv_rope_kv_kernel")):
         if not isinstance(getattr(module, kernel), InterpretedFunction):
             importlib.reload(module)
     return fused_decode
@@ -49,8 +49,8 @@ def prefilled(model) -> torch.Tensor:
     return kv
 
 
-def decode_step(model, kv, forward, extra: int = 0) -> torch.Tensor:
-    rows = [StepRow([5 + i], len(p) + extra, t) for i, (p, t) in enumerate(zip(PROMPTS, tables()))]
+def decode_step(model, kv, forward, extra: int = 0, which: tuple[int, ...] = (0, 1, 2)) -> torch.Tensor:
+    rows = [StepRow([5 + i], len(p) + extra, t) for i, (p, t) in enumerate(zip(PROMPTS, tables())) if i in which]
     inputs = build_step_inputs(rows, BLOCK_SIZE, "cpu")
     meta = Session._metadata({**inputs, "kv_cache": kv})
     with torch.no_grad():
@@ -64,6 +64,19 @@ def test_fused_step_equals_the_eager_step_fp32(fused, make_checkpoint, family):
     for extra in range(2):  # two steps: the second attends to the K/V the first one wrote
         expected = decode_step(model, eager_kv, TorchBackend(model).forward, extra)
         got = decode_step(model, kv, lambda *a: fused.llama_fused_decode_forward(model, *a), extra)
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(kv, eager_kv, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_one_row_step_with_the_fused_qkv_rope_kv_launch_equals_the_eager_step_fp32(fused, make_checkpoint, family):
+    """One row takes `qkv_rope_kv` (projection + RoPE + K/V write in one launch; qwen2: with bias)."""
+    model = load_model(make_checkpoint(family), dtype="float32")
+    eager_kv, kv = prefilled(model), prefilled(model)
+    for extra in range(2):
+        expected = decode_step(model, eager_kv, TorchBackend(model).forward, extra, which=(1,))
+        got = decode_step(model, kv, lambda *a: fused.llama_fused_decode_forward(model, *a), extra, which=(1,))
+        assert got.shape == (1, model.config.vocab_size)
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(kv, eager_kv, rtol=1e-5, atol=1e-5)
 

@@ -122,3 +122,33 @@ def test_programmatic_dependent_launch_changes_no_bit_of_the_fused_step(llama_di
         assert torch.equal(a, b)
     for a, b in zip(logits_pdl, logits_plain):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("pdl", [False, True])
+def test_qkv_rope_kv_equals_the_projection_then_rope_kv_write_bit_for_bit(pdl):
+    """The one-launch qkv step of the fused decode path, compiled (and with PDL on sm_90+), on
+    Llama-3.1-8B shapes, against the two launches it replaces with the same launch shape."""
+    from runtime_lib.kernels.pdl import pdl_enabled
+    from runtime_lib.kernels.qkv_rope_kv import qkv_rope_kv, rope_tuning
+    from runtime_lib.kernels.rope_kv import rope_kv_write
+    from runtime_lib.kernels.small_linear import small_linear
+
+    if pdl and not pdl_enabled(torch.device("cuda")):
+        pytest.skip("PDL needs sm_90+")
+    h, kvh, d, hidden, bs, nb = 32, 8, 128, 4096, 16, 8
+    n = (h + 2 * kvh) * d
+    g = torch.Generator(device="cuda").manual_seed(7)
+    x = torch.randn(1, hidden, device="cuda", generator=g).to(torch.bfloat16)
+    w = (torch.randn(n, hidden, device="cuda", generator=g) / hidden ** 0.5).to(torch.bfloat16)
+    norm_w = (torch.rand(hidden, device="cuda", generator=g) + 0.5).to(torch.bfloat16)
+    rotary = RotaryEmbedding(d, 4096, 500000.0).cuda()
+    positions = torch.tensor([1234], device="cuda")
+    slots = torch.tensor([37], device="cuda")
+    kv, kv_ref = (torch.full((2, nb, bs, kvh, d), 7.0, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    tuning = rope_tuning(n, hidden, d, x.device)
+    q = qkv_rope_kv(x, w, norm_w, 1e-5, positions, rotary.cos_cache, rotary.sin_cache, kv, slots, h, kvh,
+                    tuning=tuning, pdl=pdl)
+    qkv = small_linear(x, w, prologue="rmsnorm", norm_weight=norm_w, eps=1e-5, tuning=tuning)
+    q_ref = rope_kv_write(qkv, positions, rotary.cos_cache, rotary.sin_cache, kv_ref, slots, h, kvh)
+    assert torch.equal(q, q_ref)
+    assert torch.equal(kv, kv_ref)

@@ -1,0 +1,102 @@
+"""The one-row qkv projection with RoPE and the K/V write in its epilogue (`qkv_rope_kv`) equals
+the two launches it replaces, `rope_kv_write(small_linear(x, W, prologue="rmsnorm"))`, bit for
+bit (bf16, fp16 and fp32 on the interpreter), and writes nothing but the one slot.
+
+Runs on CPU under TRITON_INTERPRET=1 (conftest.py)."""
+from __future__ import annotations
+
+import importlib
+import types
+
+import pytest
+import torch
+
+from runtime_lib.kernels.small_linear import LinearTuning
+from runtime_lib.layers.rotary import RotaryEmbedding
+
+SENTINEL = -1234.0
+LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                  "original_max_position_embeddings": 16}
+
+
+@pytest.fixture(scope="module")
+def mods() -> types.SimpleNamespace:
+    """The three kernel modules, interpreted (reloaded in dependency order if imported compiled)."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    from runtime_lib.kernels import qkv_rope_kv, rope_kv, small_linear
+
+    if not isinstance(qkv_rope_kv._qkv_rope_kv_kernel, InterpretedFunction):
+        small_linear = importlib.reload(small_linear)
+        rope_kv = importlib.reload(rope_kv)
+        qkv_rope_kv = importlib.reload(qkv_rope_kv)
+    assert isinstance(qkv_rope_kv._qkv_rope_kv_kernel, InterpretedFunction)
+    return types.SimpleNamespace(fused=qkv_rope_kv.qkv_rope_kv, linear=small_linear.small_linear,
+                                 rope=rope_kv.rope_kv_write)
+
+
+def make_inputs(*, h=4, kvh=2, d=32, hidden=96, dtype=torch.bfloat16, bias=False, seed=0, rope_scaling=None):
+    g = torch.Generator().manual_seed(seed)
+    n = (h + 2 * kvh) * d
+    x = (torch.randn(1, hidden, generator=g) * 2).to(dtype)
+    w = (torch.randn(n, hidden, generator=g) / hidden ** 0.5).to(dtype)
+    norm_w = (torch.rand(hidden, generator=g) + 0.5).to(dtype)
+    b = (torch.randn(n, generator=g) * 0.1).to(dtype) if bias else None
+    rotary = RotaryEmbedding(d, 64, rope_scaling=rope_scaling)
+    positions = torch.tensor([37])
+    slots = torch.tensor([13])                                   # block 3, offset 1 of 4-slot blocks
+    kv = torch.full((2, 6, 4, kvh, d), SENTINEL, dtype=dtype)
+    return dict(x=x, weight=w, norm_weight=norm_w, eps=1e-5, positions=positions, cos_cache=rotary.cos_cache,
+                sin_cache=rotary.sin_cache, kv_layer=kv, slot_mapping=slots, num_heads=h, num_kv_heads=kvh,
+                bias=b)
+
+
+def two_launches(mods, a: dict, tuning: LinearTuning) -> tuple[torch.Tensor, torch.Tensor]:
+    kv = a["kv_layer"].clone()
+    qkv = mods.linear(a["x"], a["weight"], bias=a["bias"], prologue="rmsnorm", norm_weight=a["norm_weight"],
+                      eps=a["eps"], tuning=tuning)
+    q = mods.rope(qkv, a["positions"], a["cos_cache"], a["sin_cache"], kv, a["slot_mapping"], a["num_heads"],
+                  a["num_kv_heads"])
+    return q, kv
+
+
+def fused(mods, a: dict, tuning: LinearTuning) -> tuple[torch.Tensor, torch.Tensor]:
+    kv = a["kv_layer"].clone()
+    q = mods.fused(**{**a, "kv_layer": kv}, tuning=tuning)
+    return q, kv
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("block_n", [2, 8, 16])
+def test_one_launch_equals_the_projection_then_rope_kv_write_bit_for_bit(mods, dtype, block_n):
+    a = make_inputs(dtype=dtype, rope_scaling=LLAMA3_SCALING)
+    tuning = LinearTuning(block_n=block_n, block_k=32)  # 96 columns: three k-tiles
+    q, kv = fused(mods, a, tuning)
+    q_ref, kv_ref = two_launches(mods, a, tuning)
+    assert q.shape == (1, 4, 32) and q.dtype == dtype
+    assert torch.equal(q, q_ref)
+    assert torch.equal(kv, kv_ref)
+    written = torch.zeros(6, 4, dtype=torch.bool)
+    written[3, 1] = True
+    assert (kv[:, ~written] == SENTINEL).all()                   # nothing outside slot 13
+    assert (kv[:, written] != SENTINEL).all()
+
+
+def test_bias_gqa_and_head_size_128(mods):
+    a = make_inputs(h=8, kvh=2, d=128, hidden=64, bias=True, seed=3)
+    tuning = LinearTuning(block_n=8, block_k=64)
+    q, kv = fused(mods, a, tuning)
+    q_ref, kv_ref = two_launches(mods, a, tuning)
+    assert torch.equal(q, q_ref) and torch.equal(kv, kv_ref)
+
+
+def test_bad_inputs_name_the_argument(mods):
+    a = make_inputs()
+    with pytest.raises(ValueError, match=r"x must be one contiguous row \(1, 96\)"):
+        mods.fused(**{**a, "x": a["x"].expand(2, 96)})
+    with pytest.raises(ValueError, match=r"norm_weight must have shape \(96,\)"):
+        mods.fused(**{**a, "norm_weight": a["norm_weight"][:10]})
+    with pytest.raises(ValueError, match="tuning.block_n=6 must be even with block_n/2 dividing head_size/2"):
+        mods.fused(**a, tuning=LinearTuning(block_n=6, block_k=32))
+    with pytest.raises(ValueError, match="qkv must be"):                 # a weight of the wrong height
+        mods.fused(**{**a, "weight": a["weight"][:-32]})
