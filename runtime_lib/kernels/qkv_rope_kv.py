@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from .paged_attention import interpreter_dot_upcast
-from .pdl import wait_for_previous
+from .pdl import prefetch_columns, prefetch_l2, wait_for_previous
 from .rope_kv import check_rope_kv_inputs
 from .rounding import interpreter_rounds_bf16, round_to
 from .small_linear import LinearTuning, _mac_tile, choose_tuning
@@ -38,7 +38,7 @@ def _qkv_rope_kv_kernel(
     num_heads, num_kv_heads,
     HAS_BIAS: tl.constexpr, HEAD_SIZE: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    DOT_UPCAST: tl.constexpr, RNE: tl.constexpr, USE_PDL: tl.constexpr,
+    DOT_UPCAST: tl.constexpr, RNE: tl.constexpr, USE_PDL: tl.constexpr, PREFETCH_COLS: tl.constexpr,
 ):
     PAIRS: tl.constexpr = BLOCK_N // 2
     HALF: tl.constexpr = HEAD_SIZE // 2
@@ -58,15 +58,11 @@ def _qkv_rope_kv_kernel(
 
     ss = tl.zeros([1], dtype=tl.float32)
     acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-    k_start = 0
-    if USE_PDL:  # the first weight tile streams in while the previous kernel finishes (kernels/pdl.py)
-        k_mask = offs_k0 < K
-        w = tl.load(w_rows + offs_k0[None, :], mask=n_ok[:, None] & k_mask[None, :], other=0.0)
+    if USE_PDL:  # the first weight tile heads for L2 while the previous kernel finishes (kernels/pdl.py)
+        cols = tl.minimum(tl.arange(0, PREFETCH_COLS) * (BLOCK_K // PREFETCH_COLS), K - 1)
+        prefetch_l2(w_rows + cols[None, :], USE_PDL)
         wait_for_previous(USE_PDL)
-        acc, ss = _mac_tile(acc, ss, w, x_rows, norm_w_ptr, offs_k0, k_mask, m_ok, K,
-                            dt, 1, 1, "ieee", DOT_UPCAST, RNE)
-        k_start = BLOCK_K
-    for k0 in range(k_start, K, BLOCK_K):
+    for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + offs_k0
         k_mask = offs_k < K
         w = tl.load(w_rows + offs_k[None, :], mask=n_ok[:, None] & k_mask[None, :], other=0.0)
@@ -149,6 +145,7 @@ def qkv_rope_kv(x: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Tensor
         HAS_BIAS=bias is not None, HEAD_SIZE=head_size, BLOCK_SIZE=kv_layer.shape[2],
         BLOCK_N=tuning.block_n, BLOCK_K=tuning.block_k,
         DOT_UPCAST=interpreter_dot_upcast(weight.dtype), RNE=interpreter_rounds_bf16(), USE_PDL=pdl,
+        PREFETCH_COLS=prefetch_columns(tuning.block_k, weight.dtype),
         num_warps=tuning.num_warps, num_stages=tuning.num_stages, launch_pdl=pdl,
     )
     return out

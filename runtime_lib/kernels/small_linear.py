@@ -40,7 +40,7 @@ import triton
 import triton.language as tl
 
 from runtime_lib.kernels.paged_attention import device_parallelism, interpreter_dot_upcast, mma
-from runtime_lib.kernels.pdl import wait_for_previous
+from runtime_lib.kernels.pdl import prefetch_columns, prefetch_l2, wait_for_previous
 from runtime_lib.kernels.rounding import interpreter_rounds_bf16, round_to
 
 MAX_ROWS = 16
@@ -82,6 +82,7 @@ def _small_linear_kernel(
     PROLOGUE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr, RNE: tl.constexpr, USE_PDL: tl.constexpr,
+    PREFETCH_COLS: tl.constexpr,
 ):
     pid = tl.program_id(0)
     dt: tl.constexpr = w_ptr.dtype.element_ty
@@ -98,17 +99,14 @@ def _small_linear_kernel(
         acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     else:
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    k_start = 0
     if USE_PDL:
-        # The weights do not depend on the previous kernel: the first tile streams in while it
+        # The weights do not depend on the previous kernel: the first tile heads for L2 while it
         # finishes. x, the residual and the output are touched only after the wait (kernels/pdl.py).
-        k_mask = offs_k0 < K
-        w = tl.load(w_rows + offs_k0[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
+        rows = tl.minimum(offs_n, N - 1).to(tl.int64)
+        cols = tl.minimum(tl.arange(0, PREFETCH_COLS) * (BLOCK_K // PREFETCH_COLS), K - 1)
+        prefetch_l2(w_ptr + rows[:, None] * stride_wn + cols[None, :], USE_PDL)
         wait_for_previous(USE_PDL)
-        acc, ss = _mac_tile(acc, ss, w, x_rows, norm_w_ptr, offs_k0, k_mask, m_mask, K,
-                            dt, PROLOGUE, BLOCK_M, INPUT_PRECISION, DOT_UPCAST, RNE)
-        k_start = BLOCK_K
-    for k0 in range(k_start, K, BLOCK_K):
+    for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + offs_k0
         k_mask = offs_k < K
         w = tl.load(w_rows + offs_k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)  # (BN, BK)
@@ -244,6 +242,7 @@ def small_linear(x: torch.Tensor, weight: torch.Tensor, *, bias: torch.Tensor | 
         BLOCK_M=block_m, BLOCK_N=tuning.block_n, BLOCK_K=tuning.block_k,
         INPUT_PRECISION="ieee" if weight.dtype == torch.float32 else "tf32",
         DOT_UPCAST=interpreter_dot_upcast(weight.dtype), RNE=interpreter_rounds_bf16(), USE_PDL=pdl,
+        PREFETCH_COLS=prefetch_columns(tuning.block_k, weight.dtype),
         num_warps=tuning.num_warps, num_stages=tuning.num_stages, launch_pdl=pdl,
     )
     return out
