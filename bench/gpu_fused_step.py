@@ -3,8 +3,9 @@
     python3 bench/gpu_fused_step.py --models 1b,8b
 
 For each random-weight model of a real shape: graph-replay time of one decode step (128-token
-context) for programmatic dependent launch on/off x the qkv step in one launch (`qkv_rope_kv`)
-or two (`small_linear` then `rope_kv_write`), and % of the HBM roofline (weights + KV bytes ÷
+context) for programmatic dependent launch on/off x the qkv step in one launch (`qkv_rope_kv`,
+its RoPE inputs loaded before or after the weight loop) or two (`small_linear` then
+`rope_kv_write`), and % of the HBM roofline (weights + KV bytes ÷
 the copy bandwidth measured in the same run). Without CUDA it prints why and exits 0. Results
 (JSON + Markdown) go to $OUT when set, else bench/results/.
 """
@@ -38,20 +39,25 @@ def two_launch_qkv(x, weight, norm_weight, eps, positions, cos_cache, sin_cache,
                          out=out, pdl=pdl)
 
 
+QKV_MODES = ("one launch, early rope inputs", "one launch, late rope inputs", "two launches")
+
+
 @contextlib.contextmanager
-def variant(pdl: bool, one_launch_qkv: bool):
+def variant(pdl: bool, qkv: str):
     """Switches read when the step is captured: RUNTIME_LIB_PDL and the qkv kernel."""
     from runtime_lib.kernels import pdl as pdl_mod
     from runtime_lib.kernels import qkv_rope_kv as qkv_mod
 
-    saved_env, saved_fn = os.environ.get(pdl_mod.DISABLE_ENV), qkv_mod.qkv_rope_kv
+    saved_env, saved_fn, saved_early = (os.environ.get(pdl_mod.DISABLE_ENV), qkv_mod.qkv_rope_kv,
+                                        qkv_mod.EARLY_ROPE_INPUTS)
     os.environ[pdl_mod.DISABLE_ENV] = "1" if pdl else "0"
-    if not one_launch_qkv:
+    qkv_mod.EARLY_ROPE_INPUTS = qkv == QKV_MODES[0]
+    if qkv == QKV_MODES[2]:
         qkv_mod.qkv_rope_kv = two_launch_qkv
     try:
         yield
     finally:
-        qkv_mod.qkv_rope_kv = saved_fn
+        qkv_mod.qkv_rope_kv, qkv_mod.EARLY_ROPE_INPUTS = saved_fn, saved_early
         if saved_env is None:
             del os.environ[pdl_mod.DISABLE_ENV]
         else:
@@ -71,19 +77,19 @@ def measure(name: str, repeats: int) -> dict:
     rows = []
     for rep in range(repeats):  # interleaved repeats: drift (clocks, heat) hits every variant alike
         for pdl in pdl_options:
-            for one in (True, False):
-                with variant(pdl, one):
+            for qkv in QKV_MODES:
+                with variant(pdl, qkv):
                     runner = gpu_e2e.make_runner(session, graphs=True, fused=True)
                     gpu_e2e.our_generate(runner, prompt, 64)
                     ms = gpu_e2e.graph_replay_ms(runner)
                     runner = None
                     gpu_e2e.free_cuda()
-                rows.append({"repeat": rep, "pdl": pdl, "qkv_one_launch": one, "graph_replay_ms": ms,
+                rows.append({"repeat": rep, "pdl": pdl, "qkv": qkv, "graph_replay_ms": ms,
                              "pct_roofline": 100 * roofline_ms / ms})
-                gpu_e2e.log(f"{name} pdl={pdl} qkv_one_launch={one}: {ms:.3f} ms ({100 * roofline_ms / ms:.1f}%)")
+                gpu_e2e.log(f"{name} pdl={pdl} qkv {qkv}: {ms:.3f} ms ({100 * roofline_ms / ms:.1f}%)")
     best = {}
     for r in rows:
-        key = f"pdl={r['pdl']} qkv_one_launch={r['qkv_one_launch']}"
+        key = f"PDL {'on' if r['pdl'] else 'off'}, qkv {r['qkv']}"
         best[key] = min(best.get(key, float("inf")), r["graph_replay_ms"])
     return {"copy_bandwidth_gbps": bw, "roofline_ms": roofline_ms, "rows": rows, "best_ms": best}
 

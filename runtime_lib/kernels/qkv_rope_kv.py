@@ -28,6 +28,8 @@ from .rope_kv import check_rope_kv_inputs
 from .rounding import interpreter_rounds_bf16, round_to
 from .small_linear import LinearTuning, _mac_tile, choose_tuning
 
+EARLY_ROPE_INPUTS = True  # A/B switch for bench/gpu_fused_step.py
+
 
 @triton.jit
 def _qkv_rope_kv_kernel(
@@ -39,6 +41,7 @@ def _qkv_rope_kv_kernel(
     HAS_BIAS: tl.constexpr, HEAD_SIZE: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     DOT_UPCAST: tl.constexpr, RNE: tl.constexpr, USE_PDL: tl.constexpr, PREFETCH_COLS: tl.constexpr,
+    EARLY_INPUTS: tl.constexpr,
 ):
     PAIRS: tl.constexpr = BLOCK_N // 2
     HALF: tl.constexpr = HEAD_SIZE // 2
@@ -56,6 +59,15 @@ def _qkv_rope_kv_kernel(
     n_ok = offs_n >= 0                                  # every row exists (the grid covers N exactly)
     m_ok = tl.arange(0, 1) < 1
 
+    rotates = head < num_heads + num_kv_heads            # q and k heads; v heads are copied
+    offs_p = d0 + tl.arange(0, PAIRS)
+    if EARLY_INPUTS:
+        # The step's inputs (written before the chain's first kernel, never by a kernel of it):
+        # their dependent loads (position -> cos/sin) run while the weights stream, not after.
+        slot = tl.load(slot_ptr).to(tl.int64)
+        pos = tl.load(positions_ptr).to(tl.int64)
+        c_raw = tl.load(cos_ptr + pos * stride_cos_p + offs_p, mask=rotates & (offs_p < HALF), other=0.0)
+        s_raw = tl.load(sin_ptr + pos * stride_sin_p + offs_p, mask=rotates & (offs_p < HALF), other=0.0)
     ss = tl.zeros([1], dtype=tl.float32)
     acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     if USE_PDL:  # the first weight tile heads for L2 while the previous kernel finishes (kernels/pdl.py)
@@ -74,14 +86,16 @@ def _qkv_rope_kv_kernel(
         y = y + tl.load(bias_ptr + offs_n).to(tl.float32)
     y = round_to(y, dt, RNE)                                                         # the qkv value
 
-    slot = tl.load(slot_ptr).to(tl.int64)
-    kv_off = (slot // BLOCK_SIZE) * stride_kv_blk + (slot % BLOCK_SIZE) * stride_kv_slot
-    if head < num_heads + num_kv_heads:
-        # rope_kv_write's rotation, op by op (see kernels/rope_kv.py), on the pairs in registers.
+    if not EARLY_INPUTS:
+        slot = tl.load(slot_ptr).to(tl.int64)
         pos = tl.load(positions_ptr).to(tl.int64)
-        offs_p = d0 + tl.arange(0, PAIRS)
-        c = round_to(tl.load(cos_ptr + pos * stride_cos_p + offs_p), dt, True)     # (P,)
-        s = round_to(tl.load(sin_ptr + pos * stride_sin_p + offs_p), dt, True)
+        c_raw = tl.load(cos_ptr + pos * stride_cos_p + offs_p, mask=rotates & (offs_p < HALF), other=0.0)
+        s_raw = tl.load(sin_ptr + pos * stride_sin_p + offs_p, mask=rotates & (offs_p < HALF), other=0.0)
+    kv_off = (slot // BLOCK_SIZE) * stride_kv_blk + (slot % BLOCK_SIZE) * stride_kv_slot
+    if rotates:
+        # rope_kv_write's rotation, op by op (see kernels/rope_kv.py), on the pairs in registers.
+        c = round_to(c_raw, dt, True)                                                # (P,)
+        s = round_to(s_raw, dt, True)
         x1, x2 = tl.split(tl.reshape(y, (PAIRS, 2)))                                 # dims d, d + HALF
         x1c = round_to(x1 * c, dt, True)
         x2s = round_to(x2 * s, dt, True)
@@ -145,7 +159,7 @@ def qkv_rope_kv(x: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Tensor
         HAS_BIAS=bias is not None, HEAD_SIZE=head_size, BLOCK_SIZE=kv_layer.shape[2],
         BLOCK_N=tuning.block_n, BLOCK_K=tuning.block_k,
         DOT_UPCAST=interpreter_dot_upcast(weight.dtype), RNE=interpreter_rounds_bf16(), USE_PDL=pdl,
-        PREFETCH_COLS=prefetch_columns(tuning.block_k, weight.dtype),
+        PREFETCH_COLS=prefetch_columns(tuning.block_k, weight.dtype), EARLY_INPUTS=EARLY_ROPE_INPUTS,
         num_warps=tuning.num_warps, num_stages=tuning.num_stages, launch_pdl=pdl,
     )
     return out
