@@ -1,11 +1,14 @@
 """Fused decode step for one row (batch-1 decode, Llama family on the GPU).
 
 At batch 1 the step is bound by streaming the weights once, and what keeps it from that bound
-is the number of launches between the matmuls. This forward runs each layer in four Triton
-launches, against ~11 for the compiled step and ~60 eagerly, each launched with programmatic
-dependent launch on Hopper (kernels/pdl.py: it streams its weights while its predecessor ends):
+is the number of launches between the matmuls. This forward runs each layer in four or five
+Triton launches, against ~11 for the compiled step and ~60 eagerly, each launched with
+programmatic dependent launch on Hopper (kernels/pdl.py: it starts fetching its weights while
+its predecessor ends):
 
     q     = qkv_rope_kv(x, W_qkv)                               input_layernorm, RoPE, K/V write fused in
+            (a large W_qkv: small_linear(x, W_qkv, prologue=RMSNorm), then rope_kv_write; see
+            kernels/qkv_rope_kv.py)
     attn  = paged decode attention(q)
     x     = small_linear(attn, W_o, residual=x)                 residual add fused in
     gu    = small_linear(x, W_gate_up, prologue=RMSNorm)        post_attention_layernorm fused in
@@ -67,6 +70,7 @@ def llama_fused_decode_forward(model: nn.Module, input_ids: torch.Tensor, positi
     fused kernels: input_ids/positions (B,), kv_cache (L, 2, nb, bs, kvh, d) -> logits (N, V) fp32."""
     from .kernels.paged_attention import paged_decode_attention
     from .kernels.pdl import pdl_enabled
+    from .kernels.qkv_rope_kv import ONE_LAUNCH_MAX_BYTES as QKV_ONE_LAUNCH_MAX_BYTES
     from .kernels.qkv_rope_kv import qkv_rope_kv
     from .kernels.rope_kv import rope_kv_write
     from .kernels.small_linear import small_linear
@@ -82,7 +86,7 @@ def llama_fused_decode_forward(model: nn.Module, input_ids: torch.Tensor, positi
         norm = layer.input_layernorm
         rope = (positions, attn.rotary.cos_cache, attn.rotary.sin_cache, kv_layer, meta.slot_mapping,
                 attn.num_heads, attn.num_kv_heads)
-        if B == 1:  # one launch: projection, RoPE and the K/V write
+        if B == 1 and attn.qkv_proj.weight.nbytes <= QKV_ONE_LAUNCH_MAX_BYTES:  # projection + RoPE + K/V
             q = qkv_rope_kv(x, attn.qkv_proj.weight, norm.weight, norm.eps, *rope, bias=attn.qkv_proj.bias,
                             pdl=pdl)                                                          # (1, h, d)
         else:

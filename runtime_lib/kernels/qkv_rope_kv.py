@@ -10,6 +10,11 @@ program owns BLOCK_N/2 such pairs of one head: its weight rows are d0..d0+P-1 an
 d/2, interleaved, and the rotation happens in registers. The grid and the bytes read are those
 of the plain GEMV; only the row order within a program changes.
 
+Used where the projection is small (`ONE_LAUNCH_MAX_BYTES`): on an H100 the one launch made
+Llama-3.2-1B's step 1.5% faster, but Llama-3.1-8B's 1.4% slower: its 50 MB projection ran
+~2.4 us slower this way than as a plain `small_linear`, more than the launch it saves
+(bench/gpu_fused_step.py, bench/results/gpu_fused_step-*).
+
 Bits: the projection rounds like `small_linear`, the rotation and the cache stores like
 `rope_kv_write` (each op rounded to the activation dtype), so in bf16/fp16 the result is
 bit-identical to the two-launch form with the same launch shape. In fp32 the compiler may fuse
@@ -28,7 +33,7 @@ from .rope_kv import check_rope_kv_inputs
 from .rounding import interpreter_rounds_bf16, round_to
 from .small_linear import LinearTuning, _mac_tile, choose_tuning
 
-EARLY_ROPE_INPUTS = True  # A/B switch for bench/gpu_fused_step.py
+ONE_LAUNCH_MAX_BYTES = 16 << 20  # qkv weights up to this size take the one-launch form
 
 
 @triton.jit
@@ -41,7 +46,6 @@ def _qkv_rope_kv_kernel(
     HAS_BIAS: tl.constexpr, HEAD_SIZE: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     DOT_UPCAST: tl.constexpr, RNE: tl.constexpr, USE_PDL: tl.constexpr, PREFETCH_COLS: tl.constexpr,
-    EARLY_INPUTS: tl.constexpr,
 ):
     PAIRS: tl.constexpr = BLOCK_N // 2
     HALF: tl.constexpr = HEAD_SIZE // 2
@@ -61,13 +65,13 @@ def _qkv_rope_kv_kernel(
 
     rotates = head < num_heads + num_kv_heads            # q and k heads; v heads are copied
     offs_p = d0 + tl.arange(0, PAIRS)
-    if EARLY_INPUTS:
-        # The step's inputs (written before the chain's first kernel, never by a kernel of it):
-        # their dependent loads (position -> cos/sin) run while the weights stream, not after.
-        slot = tl.load(slot_ptr).to(tl.int64)
-        pos = tl.load(positions_ptr).to(tl.int64)
-        c_raw = tl.load(cos_ptr + pos * stride_cos_p + offs_p, mask=rotates & (offs_p < HALF), other=0.0)
-        s_raw = tl.load(sin_ptr + pos * stride_sin_p + offs_p, mask=rotates & (offs_p < HALF), other=0.0)
+    # The step's inputs (written before the chain's first kernel, never by a kernel of it): their
+    # dependent loads (position -> cos/sin) run while the weights stream, not after the loop
+    # (measured 0.2-1.5 us a call faster on an H100, bench/gpu_fused_step.py).
+    slot = tl.load(slot_ptr).to(tl.int64)
+    pos = tl.load(positions_ptr).to(tl.int64)
+    c_raw = tl.load(cos_ptr + pos * stride_cos_p + offs_p, mask=rotates & (offs_p < HALF), other=0.0)
+    s_raw = tl.load(sin_ptr + pos * stride_sin_p + offs_p, mask=rotates & (offs_p < HALF), other=0.0)
     ss = tl.zeros([1], dtype=tl.float32)
     acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     if USE_PDL:  # the first weight tile heads for L2 while the previous kernel finishes (kernels/pdl.py)
@@ -86,11 +90,6 @@ def _qkv_rope_kv_kernel(
         y = y + tl.load(bias_ptr + offs_n).to(tl.float32)
     y = round_to(y, dt, RNE)                                                         # the qkv value
 
-    if not EARLY_INPUTS:
-        slot = tl.load(slot_ptr).to(tl.int64)
-        pos = tl.load(positions_ptr).to(tl.int64)
-        c_raw = tl.load(cos_ptr + pos * stride_cos_p + offs_p, mask=rotates & (offs_p < HALF), other=0.0)
-        s_raw = tl.load(sin_ptr + pos * stride_sin_p + offs_p, mask=rotates & (offs_p < HALF), other=0.0)
     kv_off = (slot // BLOCK_SIZE) * stride_kv_blk + (slot % BLOCK_SIZE) * stride_kv_slot
     if rotates:
         # rope_kv_write's rotation, op by op (see kernels/rope_kv.py), on the pairs in registers.
@@ -159,10 +158,10 @@ def qkv_rope_kv(x: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Tensor
         HAS_BIAS=bias is not None, HEAD_SIZE=head_size, BLOCK_SIZE=kv_layer.shape[2],
         BLOCK_N=tuning.block_n, BLOCK_K=tuning.block_k,
         DOT_UPCAST=interpreter_dot_upcast(weight.dtype), RNE=interpreter_rounds_bf16(), USE_PDL=pdl,
-        PREFETCH_COLS=prefetch_columns(tuning.block_k, weight.dtype), EARLY_INPUTS=EARLY_ROPE_INPUTS,
+        PREFETCH_COLS=prefetch_columns(tuning.block_k, weight.dtype),
         num_warps=tuning.num_warps, num_stages=tuning.num_stages, launch_pdl=pdl,
     )
     return out
 
 
-__all__ = ["qkv_rope_kv", "rope_tuning"]
+__all__ = ["ONE_LAUNCH_MAX_BYTES", "qkv_rope_kv", "rope_tuning"]
