@@ -625,7 +625,7 @@ def profile_engine_window(engine: LLMEngine, delay_s: float, out: dict, key: str
     out.setdefault("engine_profile", {})[key] = {
         "steps": steps, "wall_ms_per_step": wall_us / steps / 1e3, "gpu_busy_pct": 100 * sum(cats.values()) / wall_us,
         "kernel_ms_per_step": {c: v / steps / 1e3 for c, v in sorted(cats.items(), key=lambda x: -x[1])},
-        "top_kernels_ms_per_step": [(round(us / steps / 1e3, 3), n, name) for us, n, name in top[:15]],
+        "top_kernels_ms_per_step": [(round(us / steps / 1e3, 3), n, name) for us, n, name in top[:25]],
         "engine_thread_samples": stacks}
     log(f"engine profile {key}: {out['engine_profile'][key]}")
 
@@ -664,7 +664,14 @@ def section_latency(name: str, hf, session: Session, mc: ModelConfig, res: dict,
             prompts = random_prompts(c, 128, mc.vocab_size, seed=4 + c)
             warm_prompts = random_prompts(c, 128, mc.vocab_size, seed=2004 + c)  # no prefix-cache hits later
             run_engine(session, warm_prompts, 3, engine)  # warm-up at this concurrency: the bucket's graph
+            window = None
+            if args.profile_latency and c == args.concurrency[0]:
+                window = threading.Thread(target=profile_engine_window, daemon=True,
+                                          args=(engine, args.profile_latency, out, f"c={c}", 0.08))
+                window.start()
             stats = run_engine(session, prompts, 128, engine)
+            if window is not None:
+                window.join()
             out[str(c)] = stats
             log(f"{name} latency c={c}: TTFT p50 {stats['ttft_ms'][50]:.1f} ms p99 {stats['ttft_ms'][99]:.1f}; "
                 f"ITL p50 {stats['itl_ms'][50]:.2f} ms p90 {stats['itl_ms'][90]:.2f} p99 {stats['itl_ms'][99]:.2f}; "
@@ -887,6 +894,8 @@ def main() -> int:
     ap.add_argument("--fp32-check", action="store_true", help="also compare fp32 logits with HF (a copy in fp32)")
     ap.add_argument("--profile-offline", type=float, default=0.0, metavar="DELAY_S",
                     help="profile 1 s of the 1000/1000 engine run, DELAY_S after it starts")
+    ap.add_argument("--profile-latency", type=float, default=0.0, metavar="DELAY_S",
+                    help="profile 80 ms of the first --concurrency level's latency run, DELAY_S after it starts")
     ap.add_argument("--fused", action="store_true", help="also the fused small-batch decode step (bs1 section)")
     ap.add_argument("--hf-compile", action="store_true", help="also HF generate with static cache + compile")
     ap.add_argument("--long", action="store_true", help="also ISL/OSL 1000/1000 (ours)")
