@@ -57,27 +57,17 @@ def gumbel_noise(seeds: torch.Tensor, steps: torch.Tensor, idx: torch.Tensor) ->
 
 
 def argmax_rows(x: torch.Tensor) -> torch.Tensor:
-    """`x.argmax(dim=-1)` for (B, V) logits; on the GPU, for a few long rows, in two stages.
+    """`x.argmax(dim=-1)` for (B, V) logits; on the GPU, for a few long rows, in one Triton launch.
 
     torch reduces one row in one thread block: ~40 us for a 128k vocab on an H100, ~3% of a
-    batch-1 1B decode step. `chunked_argmax` reduces C chunks of each row in parallel."""
+    batch-1 1B decode step. `kernels/argmax.py` reduces slices of each row in parallel and
+    merges them in the same launch (ties: the first maximal index, as torch)."""
     B, V = x.shape
     if x.device.type == "cuda" and B <= 16 and V >= 16384:
-        chunks = next((c for c in (256, 192, 128, 96, 64, 48, 32) if V % c == 0), None)
-        if chunks is not None:
-            return chunked_argmax(x, chunks)
+        from .kernels.argmax import argmax_rows_triton
+
+        return argmax_rows_triton(x)
     return x.argmax(dim=-1)
-
-
-def chunked_argmax(x: torch.Tensor, chunks: int) -> torch.Tensor:
-    """argmax over the last dim of (B, V) via `chunks` equal chunks (chunks must divide V).
-    Both stages take the first maximum, so ties resolve to the first maximal index, as
-    torch.argmax does."""
-    B, V = x.shape
-    parts = x.view(B, chunks, V // chunks)
-    local = parts.argmax(dim=-1)                                            # (B, C) first max per chunk
-    best = parts.gather(2, local[:, :, None]).squeeze(2).argmax(dim=-1)     # (B,) first chunk with the max
-    return best * (V // chunks) + local.gather(1, best[:, None]).squeeze(1)
 
 
 def _pad_rows(rows: Sequence[Sequence[int]], device: torch.device) -> torch.Tensor:

@@ -21,7 +21,6 @@ from runtime_lib.sampling import SamplingParams, SamplingTensors, sample
 from runtime_lib.sampling_ops import (
     TokenHistory,
     apply_no_repeat_ngram,
-    chunked_argmax,
     token_counts,
     top_k_top_p_min_p_mask,
     uniform_noise,
@@ -481,15 +480,3 @@ def test_sample_validates_shapes_ids_and_required_inputs():
         SamplingTensors.build([])
     with pytest.raises(ValueError, match="row"):
         SamplingParams.from_config(SamplingConfig(end_id=2, pad_id=3), 2, 2)
-
-
-@pytest.mark.parametrize("chunks", [4, 32, 256])
-def test_chunked_argmax_is_torch_argmax_with_ties_to_the_first_index(chunks):
-    g = torch.Generator().manual_seed(chunks)
-    # bf16-rounded logits tie often: the first maximal index must win, as with torch.argmax.
-    x = torch.randn(5, 1024, generator=g).to(torch.bfloat16).float()
-    x[1, 700] = x[1, 3] = x[1].max() + 1            # tie across chunks
-    x[2, 10] = x[2, 11] = x[2].max() + 1            # tie inside one chunk
-    x[3] = 0.0                                      # a flat row
-    assert torch.equal(chunked_argmax(x, chunks), x.argmax(dim=-1))
-    assert chunked_argmax(x, chunks)[1].item() == 3 and chunked_argmax(x, chunks)[3].item() == 0
