@@ -583,6 +583,9 @@ def offline_one(name: str, session: Session, prompts: list[torch.Tensor], isl: i
         # overflow an 80 GB card); the engine's chunked prefill still runs at this batch.
         out["runner"][key] = {"error": f"OOM: {str(e)[:150]}"}
         log(f"{name} offline runner {key}: out of memory; engine only")
+    except ValueError as e:  # e.g. more rows than the runner's max_batch_size
+        out["runner"][key] = {"error": str(e)[:150]}
+        log(f"{name} offline runner {key}: {e}; engine only")
     session.compile_decode_graphs = False
     free_cuda()
     engine = make_engine(session, batch, isl + osl, args.compile, args.fused)
