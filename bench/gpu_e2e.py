@@ -830,7 +830,7 @@ def markdown(report: dict) -> str:
             lines += ["### LLMEngine latency, ISL/OSL 128/128, all streams submitted at once", "",
                       "| streams | TTFT p50 / p90 / p99 ms | ITL p50 / p90 / p99 ms | output tok/s |", "|---|---|---|---|"]
             for c, s in res["latency"].items():
-                if c == "compiled":
+                if not c.isdigit():  # "compiled", "engine_profile"
                     continue
                 lines.append(f"| {c} | {s['ttft_ms'][50]:.1f} / {s['ttft_ms'][90]:.1f} / {s['ttft_ms'][99]:.1f} | "
                              f"{s['itl_ms'][50]:.2f} / {s['itl_ms'][90]:.2f} / {s['itl_ms'][99]:.2f} | "
