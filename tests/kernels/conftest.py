@@ -33,3 +33,19 @@ def kernels() -> types.SimpleNamespace:
                                  choose_partition_size=paged_attention.choose_partition_size,
                                  DecodeTuning=paged_attention.DecodeTuning,
                                  dispatch=attention_dispatch.paged_attention_triton)
+
+
+@pytest.fixture(scope="session")
+def interpreted():
+    """`interpreted(module, kernel_name)`: the kernel module with that kernel interpreted,
+    reloaded if something imported it compiled before this conftest set TRITON_INTERPRET.
+    Reload dependencies first (a module keeps the functions it imported from another)."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    def reload_if_compiled(module: types.ModuleType, kernel: str) -> types.ModuleType:
+        if not isinstance(getattr(module, kernel), InterpretedFunction):
+            module = importlib.reload(module)
+        assert isinstance(getattr(module, kernel), InterpretedFunction)
+        return module
+
+    return reload_if_compiled

@@ -3,7 +3,6 @@ index, for any vocabulary size and slice count; its counters are left at zero fo
 launch. Runs on CPU under TRITON_INTERPRET=1 (conftest.py)."""
 from __future__ import annotations
 
-import importlib
 import types
 
 import pytest
@@ -11,14 +10,10 @@ import torch
 
 
 @pytest.fixture(scope="module")
-def mod() -> types.ModuleType:
-    from triton.runtime.interpreter import InterpretedFunction
-
+def mod(interpreted) -> types.ModuleType:
     from runtime_lib.kernels import argmax
 
-    if not isinstance(argmax._argmax_kernel, InterpretedFunction):
-        argmax = importlib.reload(argmax)
-    return argmax
+    return interpreted(argmax, "_argmax_kernel")
 
 
 @pytest.mark.parametrize(("V", "chunks"), [(1000, 4), (1024, 32), (777, 8), (5, 16)])

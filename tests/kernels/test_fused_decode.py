@@ -6,8 +6,6 @@ reference is the eager model forward on a copy of the same prefilled cache; both
 the K/V the step writes must agree."""
 from __future__ import annotations
 
-import importlib
-
 import pytest
 import torch
 
@@ -23,17 +21,14 @@ PROMPTS = [[1, 17, 42, 99, 250, 7], [1, 300, 5, 5, 8, 120, 64, 33, 390], [1, 2, 
 
 
 @pytest.fixture(scope="module")
-def fused():
-    """runtime_lib.fused_decode over interpreted kernels (reloaded if imported compiled earlier)."""
-    from triton.runtime.interpreter import InterpretedFunction
-
+def fused(interpreted):
+    """runtime_lib.fused_decode over interpreted kernels (it imports them at each call)."""
     from runtime_lib import fused_decode
     from runtime_lib.kernels import paged_attention, qkv_rope_kv, rope_kv, small_linear
 
     for module, kernel in ((paged_attention, "_decode_partition_kernel"), (rope_kv, "_rope_kv_kernel"),
                            (small_linear, "_small_linear_kernel"), (qkv_rope_kv, "_qkv_rope_kv_kernel")):
-        if not isinstance(getattr(module, kernel), InterpretedFunction):
-            importlib.reload(module)
+        interpreted(module, kernel)
     return fused_decode
 
 

@@ -5,7 +5,6 @@ bit (bf16, fp16 and fp32 on the interpreter), and writes nothing but the one slo
 Runs on CPU under TRITON_INTERPRET=1 (conftest.py)."""
 from __future__ import annotations
 
-import importlib
 import types
 
 import pytest
@@ -20,17 +19,13 @@ LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, 
 
 
 @pytest.fixture(scope="module")
-def mods() -> types.SimpleNamespace:
-    """The three kernel modules, interpreted (reloaded in dependency order if imported compiled)."""
-    from triton.runtime.interpreter import InterpretedFunction
-
+def mods(interpreted) -> types.SimpleNamespace:
+    """The three kernel modules, interpreted (dependencies first)."""
     from runtime_lib.kernels import qkv_rope_kv, rope_kv, small_linear
 
-    if not isinstance(qkv_rope_kv._qkv_rope_kv_kernel, InterpretedFunction):
-        small_linear = importlib.reload(small_linear)
-        rope_kv = importlib.reload(rope_kv)
-        qkv_rope_kv = importlib.reload(qkv_rope_kv)
-    assert isinstance(qkv_rope_kv._qkv_rope_kv_kernel, InterpretedFunction)
+    small_linear = interpreted(small_linear, "_small_linear_kernel")
+    rope_kv = interpreted(rope_kv, "_rope_kv_kernel")
+    qkv_rope_kv = interpreted(qkv_rope_kv, "_qkv_rope_kv_kernel")
     return types.SimpleNamespace(fused=qkv_rope_kv.qkv_rope_kv, linear=small_linear.small_linear,
                                  rope=rope_kv.rope_kv_write)
 

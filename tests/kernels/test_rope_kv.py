@@ -8,7 +8,6 @@ shuffled slots spread over several blocks, and starts from a cache full of a sen
 """
 from __future__ import annotations
 
-import importlib
 import types
 from dataclasses import dataclass
 
@@ -23,16 +22,11 @@ LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, 
 
 
 @pytest.fixture(scope="module")
-def rope_kv() -> types.ModuleType:
-    """The kernel module with its kernel interpreted (reloaded if imported earlier compiled)."""
-    from triton.runtime.interpreter import InterpretedFunction
-
+def rope_kv(interpreted) -> types.ModuleType:
+    """The kernel module with its kernel interpreted."""
     from runtime_lib.kernels import rope_kv
 
-    if not isinstance(rope_kv._rope_kv_kernel, InterpretedFunction):
-        rope_kv = importlib.reload(rope_kv)
-    assert isinstance(rope_kv._rope_kv_kernel, InterpretedFunction)
-    return rope_kv
+    return interpreted(rope_kv, "_rope_kv_kernel")
 
 
 @dataclass
