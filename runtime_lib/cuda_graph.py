@@ -115,6 +115,19 @@ def check_graph_pool(kv_cache: torch.Tensor, scratch_block: int, max_seq_len: in
         raise ValueError(f"max_seq_len must be >= 1, got {max_seq_len}")
 
 
+def packed_rows(n: int, *fields: torch.Tensor) -> torch.Tensor | None:
+    """The (len(fields), n) view of `fields` when they are consecutive n-element runs of one
+    int64 buffer (as `model_step.build_step_inputs` lays them out on CUDA), else None."""
+    first = fields[0]
+    if any(f.dtype != torch.int64 or f.shape != (n,) or not f.is_contiguous() for f in fields):
+        return None
+    storage = first.untyped_storage().data_ptr()
+    for k, f in enumerate(fields):
+        if f.untyped_storage().data_ptr() != storage or f.storage_offset() != first.storage_offset() + k * n:
+            return None
+    return first.as_strided((len(fields), n), (n, 1))
+
+
 class DecodeGraphRunner:
     """Static buffers + lazily captured graphs for decode steps over one KV pool.
 
@@ -141,12 +154,12 @@ class DecodeGraphRunner:
             raise ValueError(f"use_cuda_graph=True needs a CUDA kv_cache, got device {self.device}")
         G = self.buckets[-1]
         dev = self.device
-        self.input_ids = torch.zeros(G, dtype=torch.int64, device=dev)
-        self.positions = torch.zeros(G, dtype=torch.int64, device=dev)
-        self.slot_mapping = torch.zeros(G, dtype=torch.int64, device=dev)
+        # The int64 inputs are rows of one buffer, in the order `build_step_inputs` packs them,
+        # so a step whose inputs come packed lands with one copy instead of four (`run`).
+        self._rows64 = torch.zeros(4, G, dtype=torch.int64, device=dev)
+        self.input_ids, self.positions, self.slot_mapping, self.logits_indices = self._rows64.unbind(0)
         self.context_lens = torch.zeros(G, dtype=torch.int32, device=dev)
         self.block_tables = torch.zeros(G, self.max_blocks_per_seq, dtype=torch.int32, device=dev)
-        self.logits_indices = torch.zeros(G, dtype=torch.int64, device=dev)
         self.query_lens = torch.ones(G, dtype=torch.int32, device=dev)
         self.cu_query_lens = torch.arange(G + 1, dtype=torch.int32, device=dev)
         self._reset_rows(0, G)
@@ -193,12 +206,16 @@ class DecodeGraphRunner:
         if self._dirty_logits > N:
             self.logits_indices[N:self._dirty_logits].zero_()
         self._dirty_rows, self._dirty_logits = B, N
-        self.input_ids[:B].copy_(input_ids, non_blocking=True)
-        self.positions[:B].copy_(positions, non_blocking=True)
-        self.slot_mapping[:B].copy_(slot_mapping, non_blocking=True)
+        packed = packed_rows(B, input_ids, positions, slot_mapping, logits_indices) if N == B else None
+        if packed is not None:  # each tiny copy costs the step a few us of GPU time
+            self._rows64[:, :B].copy_(packed, non_blocking=True)
+        else:
+            self.input_ids[:B].copy_(input_ids, non_blocking=True)
+            self.positions[:B].copy_(positions, non_blocking=True)
+            self.slot_mapping[:B].copy_(slot_mapping, non_blocking=True)
+            self.logits_indices[:N].copy_(logits_indices, non_blocking=True)
         self.context_lens[:B].copy_(context_lens, non_blocking=True)
         self.block_tables[:B, :W].copy_(block_tables, non_blocking=True)  # columns >= W are never read
-        self.logits_indices[:N].copy_(logits_indices, non_blocking=True)
         if self.use_cuda_graph:
             graph, logits = self._graphs[bucket]
             graph.replay()
@@ -366,6 +383,7 @@ __all__ = [
     "graph_unsupported_reason",
     "llama_decode_forward",
     "llama_traced_forward",
+    "packed_rows",
     "make_compiled_decode_forward",
     "supports_compiled_decode",
     "switched_off_by_env",

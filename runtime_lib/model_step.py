@@ -29,14 +29,21 @@ class StepRow:
     feed_index: int = -1
 
 
+def _is_run(values: list[int]) -> bool:
+    """values == range(values[0], values[0] + len(values))."""
+    return all(b - a == 1 for a, b in zip(values, values[1:]))
+
+
 def build_step_inputs(rows: Sequence[StepRow], block_size: int, device: torch.device | str,
                       feed_tokens: torch.Tensor | None = None) -> dict:
     """Host lists -> the named tensors `Session.run` takes.
 
-    On CUDA the int64 fields and the int32 fields each travel in one pinned host buffer (two
-    asynchronous host->device copies per step, the tensors are views of them); elsewhere one
-    tensor per field. `feed_tokens` (N,) int64 on `device`: the previous step's sampled tokens,
-    copied device-side into the input slots of rows with `feed_index >= 0` (no host sync)."""
+    On CUDA every field travels in one pinned host buffer (one asynchronous host->device copy
+    per step; the tensors are views of it, the int64 fields first, in the order input_ids,
+    position_ids, slot_mapping, logits_indices that `cuda_graph.packed_rows` recognises);
+    elsewhere one tensor per field. `feed_tokens` (N,) int64 on `device`: the previous step's
+    sampled tokens, copied device-side into the input slots of rows with `feed_index >= 0` (no
+    host sync; one copy when those slots and tokens are both runs, as in a steady decode)."""
     input_ids: list[int] = []
     positions: list[int] = []
     slots: list[int] = []
@@ -78,20 +85,27 @@ def build_step_inputs(rows: Sequence[StepRow], block_size: int, device: torch.de
         raise ValueError(f"{F} rows have feed_index >= 0 but feed_tokens is None")
     device = torch.device(device)
     if device.type == "cuda":
-        host64 = torch.tensor(input_ids + positions + slots + logits_indices + feed_dst + feed_src,
-                              dtype=torch.int64).pin_memory()
-        host32 = torch.tensor(query_lens + seq_lens + tables, dtype=torch.int32).pin_memory()
-        dev64 = host64.to(device, non_blocking=True)
-        dev32 = host32.to(device, non_blocking=True)
+        values64 = input_ids + positions + slots + logits_indices + feed_dst + feed_src
+        values32 = query_lens + seq_lens + tables
+        n64 = len(values64)
+        host = torch.empty(8 * n64 + 4 * len(values32), dtype=torch.uint8, pin_memory=True)
+        host[:8 * n64].view(torch.int64).copy_(torch.tensor(values64, dtype=torch.int64))
+        host[8 * n64:].view(torch.int32).copy_(torch.tensor(values32, dtype=torch.int32))
+        dev = host.to(device, non_blocking=True)
+        dev64, dev32 = dev[:8 * n64].view(torch.int64), dev[8 * n64:].view(torch.int32)
         fields = {
             "input_ids": dev64[:T], "position_ids": dev64[T:2 * T], "slot_mapping": dev64[2 * T:3 * T],
             "logits_indices": dev64[3 * T:3 * T + N], "query_lengths": dev32[:B],
             "sequence_lengths": dev32[B:2 * B], "kv_cache_block_offsets": dev32[2 * B:].view(B, width),
         }
         if F:
-            end = 3 * T + N
-            dst, src = dev64[end:end + F], dev64[end + F:end + 2 * F]
-            fields["input_ids"].index_copy_(0, dst, feed_tokens.index_select(0, src))  # (F,)
+            if _is_run(feed_dst) and _is_run(feed_src):  # e.g. a steady decode: one copy
+                d, s0 = feed_dst[0], feed_src[0]
+                fields["input_ids"][d:d + F].copy_(feed_tokens[s0:s0 + F])
+            else:
+                end = 3 * T + N
+                dst, src = dev64[end:end + F], dev64[end + F:end + 2 * F]
+                fields["input_ids"].index_copy_(0, dst, feed_tokens.index_select(0, src))  # (F,)
     else:
         fields = {
             "input_ids": torch.tensor(input_ids, dtype=torch.int64, device=device),

@@ -18,6 +18,7 @@ from runtime_lib.cuda_graph import (
     graph_unsupported_reason,
     llama_decode_forward,
     make_compiled_decode_forward,
+    packed_rows,
     supports_compiled_decode,
 )
 from runtime_lib.model_step import StepRow, build_step_inputs
@@ -126,6 +127,32 @@ def test_a_smaller_batch_after_a_larger_one_resets_the_rows_it_no_longer_uses(mo
     torch.testing.assert_close(runner_kv[:, :, live], eager_kv[:, :, live], rtol=1e-5, atol=1e-5)
     assert runner.context_lens[1:4].tolist() == [1, 1, 1]
     assert runner.slot_mapping[1:4].tolist() == [SCRATCH * BLOCK_SIZE] * 3
+
+
+def test_packed_int64_inputs_are_recognised_only_as_consecutive_runs_of_one_buffer():
+    buf = torch.arange(12)
+    ids, pos, slots = buf[0:3], buf[3:6], buf[6:9]
+    assert torch.equal(packed_rows(3, ids, pos, slots), buf[:9].view(3, 3))
+    assert packed_rows(3, ids, slots, pos) is None                  # out of order
+    assert packed_rows(3, ids, pos, torch.arange(6, 9)) is None       # another buffer
+    assert packed_rows(3, buf[0:3], buf[4:7]) is None                 # a gap
+    assert packed_rows(3, ids.int(), pos.int()) is None               # not int64
+
+
+def test_a_step_packed_as_build_step_inputs_lays_it_out_on_cuda_lands_with_the_same_result(model):
+    """The one-copy path for packed inputs: a (4, B) int64 buffer of ids, positions, slots and
+    logits indices gives what separate tensors give."""
+    eager_kv, runner_kv = prefilled_cache(model), prefilled_cache(model)
+    inputs = decode_inputs([0, 1, 3], [5, 6, 7])
+    expected = eager_decode(model, eager_kv, inputs)
+    packed = torch.stack([inputs["input_ids"], inputs["position_ids"], inputs["slot_mapping"],
+                          inputs["logits_indices"]]).reshape(-1)
+    ids, pos, slots, logits = packed.view(4, 3).unbind(0)
+    assert packed_rows(3, ids, pos, slots, logits) is not None
+    runner = make_runner(model, runner_kv)
+    got = runner.run(ids, pos, slots, inputs["sequence_lengths"], inputs["kv_cache_block_offsets"], logits)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert runner.slot_mapping[3].item() == SCRATCH * BLOCK_SIZE    # the padding row of bucket 4
 
 
 def test_logits_for_a_subset_of_rows_come_back_in_the_requested_order(model):

@@ -183,3 +183,22 @@ def test_feed_index_takes_the_token_from_the_device():
     assert inputs["position_ids"].tolist() == [0, 1, 2, 5, 3]
     with pytest.raises(ValueError, match="feed_tokens is None"):
         build_step_inputs(rows, 4, "cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("feeds", [(2, 0), (0, 1)])   # scattered, then a run (one copy)
+def test_cuda_step_inputs_in_one_pinned_buffer_equal_the_cpu_ones(feeds):
+    from runtime_lib.cuda_graph import packed_rows
+
+    feed = torch.tensor([70, 71, 72])
+    decode = [StepRow([-1], 5, [1, 2], feed_index=feeds[0]), StepRow([-1], 3, [3], feed_index=feeds[1])]
+    for rows in ([StepRow([5, 6, 7], 0, [0]), *decode], decode):
+        cpu = build_step_inputs(rows, 4, "cpu", feed_tokens=feed)
+        gpu = build_step_inputs(rows, 4, "cuda", feed_tokens=feed.cuda())
+        for name, value in cpu.items():
+            got = gpu[name].cpu() if isinstance(value, torch.Tensor) else gpu[name]
+            assert torch.equal(got, value) if isinstance(value, torch.Tensor) else got == value, name
+    # A decode step's int64 fields are one packed (4, B) block: the graph runner's one copy.
+    assert packed_rows(2, gpu["input_ids"], gpu["position_ids"], gpu["slot_mapping"],
+                       gpu["logits_indices"]) is not None
