@@ -101,7 +101,10 @@ def llama_fused_decode_forward(model: nn.Module, input_ids: torch.Tensor, positi
                          eps=layer.post_attention_layernorm.eps)                         # (B, 2I)
         x = linear(gate_up, mlp.down_proj.weight, prologue="silu_mul", residual=x)       # (B, H)
     lm_weight = model.embed_tokens.weight if model.lm_head is None else model.lm_head.weight
-    return linear(x[logits_indices], lm_weight, prologue="rmsnorm", norm_weight=model.norm.weight,
+    # One row with one logits row: the index can only be 0; skipping the gather keeps the lm_head
+    # in the dependent-launch chain (one launch fewer).
+    rows = x if B == 1 and logits_indices.shape[0] == 1 else x[logits_indices]
+    return linear(rows, lm_weight, prologue="rmsnorm", norm_weight=model.norm.weight,
                   eps=model.norm.eps, out_dtype=torch.float32)                          # (N, V)
 
 
