@@ -60,9 +60,21 @@ def prefetch_l2(ptrs, USE_PDL: tl.constexpr):
                                   is_pure=False, pack=1)
 
 
+@triton.jit
+def first_tile_then_wait(w_rows, K, BLOCK_K: tl.constexpr, PREFETCH_COLS: tl.constexpr, USE_PDL: tl.constexpr):
+    """A GEMV's PDL prologue: ask L2 for the first (rows, BLOCK_K) tile of its weights (which
+    no earlier kernel writes), then wait for the previous kernel. `w_rows`: (BN, 1) pointers
+    to valid weight rows. No-op without PDL."""
+    if USE_PDL:
+        cols = tl.minimum(tl.arange(0, PREFETCH_COLS) * (BLOCK_K // PREFETCH_COLS), K - 1)
+        prefetch_l2(w_rows + cols[None, :], USE_PDL)
+        wait_for_previous(USE_PDL)
+
+
 def prefetch_columns(block_k: int, dtype: torch.dtype) -> int:
     """How many columns of a BLOCK_K-wide weight tile `prefetch_l2` touches: one per 128 bytes."""
     return max(1, block_k * dtype.itemsize // 128)
 
 
-__all__ = ["DISABLE_ENV", "pdl_enabled", "prefetch_columns", "prefetch_l2", "wait_for_previous"]
+__all__ = ["DISABLE_ENV", "first_tile_then_wait", "pdl_enabled", "prefetch_columns", "prefetch_l2",
+           "wait_for_previous"]

@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from .paged_attention import interpreter_dot_upcast
-from .pdl import prefetch_columns, prefetch_l2, wait_for_previous
+from .pdl import first_tile_then_wait, prefetch_columns
 from .rope_kv import check_rope_kv_inputs
 from .rounding import interpreter_rounds_bf16, round_to
 from .small_linear import LinearTuning, _mac_tile, choose_tuning
@@ -74,10 +74,7 @@ def _qkv_rope_kv_kernel(
     s_raw = tl.load(sin_ptr + pos * stride_sin_p + offs_p, mask=rotates & (offs_p < HALF), other=0.0)
     ss = tl.zeros([1], dtype=tl.float32)
     acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-    if USE_PDL:  # the first weight tile heads for L2 while the previous kernel finishes (kernels/pdl.py)
-        cols = tl.minimum(tl.arange(0, PREFETCH_COLS) * (BLOCK_K // PREFETCH_COLS), K - 1)
-        prefetch_l2(w_rows + cols[None, :], USE_PDL)
-        wait_for_previous(USE_PDL)
+    first_tile_then_wait(w_rows, K, BLOCK_K, PREFETCH_COLS, USE_PDL)   # kernels/pdl.py
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + offs_k0
         k_mask = offs_k < K

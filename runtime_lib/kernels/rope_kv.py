@@ -178,8 +178,7 @@ def rope_kv_write(qkv: torch.Tensor, positions: torch.Tensor, cos_cache: torch.T
 
 def rope_kv_write_torch(qkv: torch.Tensor, positions: torch.Tensor, cos_cache: torch.Tensor,
                         sin_cache: torch.Tensor, kv_layer: torch.Tensor, slot_mapping: torch.Tensor,
-                        num_heads: int, num_kv_heads: int, out: torch.Tensor | None = None,
-                  pdl: bool = False) -> torch.Tensor:
+                        num_heads: int, num_kv_heads: int, out: torch.Tensor | None = None) -> torch.Tensor:
     """The plain-torch reference and CPU fallback of `rope_kv_write` (same contract): what
     LlamaAttention does eagerly, `apply_rotary` + `write_kv`."""
     head_size = check_rope_kv_inputs(qkv, positions, cos_cache, sin_cache, kv_layer, slot_mapping,

@@ -40,7 +40,7 @@ import triton
 import triton.language as tl
 
 from runtime_lib.kernels.paged_attention import device_parallelism, interpreter_dot_upcast, mma
-from runtime_lib.kernels.pdl import prefetch_columns, prefetch_l2, wait_for_previous
+from runtime_lib.kernels.pdl import first_tile_then_wait, prefetch_columns
 from runtime_lib.kernels.rounding import interpreter_rounds_bf16, round_to
 
 MAX_ROWS = 16
@@ -99,13 +99,10 @@ def _small_linear_kernel(
         acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     else:
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    if USE_PDL:
-        # The weights do not depend on the previous kernel: the first tile heads for L2 while it
-        # finishes. x, the residual and the output are touched only after the wait (kernels/pdl.py).
-        rows = tl.minimum(offs_n, N - 1).to(tl.int64)
-        cols = tl.minimum(tl.arange(0, PREFETCH_COLS) * (BLOCK_K // PREFETCH_COLS), K - 1)
-        prefetch_l2(w_ptr + rows[:, None] * stride_wn + cols[None, :], USE_PDL)
-        wait_for_previous(USE_PDL)
+    # x, the residual and the output are touched only after the wait (kernels/pdl.py); rows past
+    # N are clamped for the prefetch, which has no mask.
+    rows_in_range = tl.minimum(offs_n, N - 1).to(tl.int64)
+    first_tile_then_wait(w_ptr + rows_in_range[:, None] * stride_wn, K, BLOCK_K, PREFETCH_COLS, USE_PDL)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + offs_k0
         k_mask = offs_k < K
