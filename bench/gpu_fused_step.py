@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as dt
-import json
 import os
 import sys
 from pathlib import Path
@@ -25,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import gpu_e2e  # noqa: E402  (bench/: the model builders and timers)
-from gpu_kernels import results_stem  # noqa: E402
+from gpu_kernels import results_stem, write_results  # noqa: E402
 
 
 def two_launch_qkv(x, weight, norm_weight, eps, positions, cos_cache, sin_cache, kv_layer, slot_mapping,
@@ -116,8 +115,7 @@ def main() -> int:
     md = "\n".join(lines) + "\n"
     print(md)
     stem = results_stem("gpu_fused_step", report["device"], report["date"])
-    stem.with_suffix(".json").write_text(json.dumps(report, indent=2))
-    stem.with_suffix(".md").write_text(md)
+    write_results(stem, report, md)
     print(f"wrote {stem}.json and {stem}.md")
     return 0
 

@@ -135,6 +135,12 @@ def results_stem(name: str, device: str, date: str, tag: str = "") -> Path:
     return out_dir / f"{name}-{slug}-{date[:10]}{tag}"
 
 
+def write_results(stem: Path, data: dict, md: str) -> None:
+    """`stem`.json (the run's data) and `stem`.md (its tables) side by side."""
+    stem.with_suffix(".json").write_text(json.dumps(data, indent=2))
+    stem.with_suffix(".md").write_text(md)
+
+
 def copy_bandwidth_gbps() -> float:
     """Device-to-device copy bandwidth (read + write bytes / time), the practical HBM roofline."""
     n = 1 << 30
@@ -556,8 +562,7 @@ def main() -> int:
 
     tag = "" if sections == {"checks", "decode", "prefill"} else "-" + "-".join(sorted(sections))
     stem = results_stem("gpu_kernels", report.device, report.date, tag)
-    stem.with_suffix(".json").write_text(json.dumps(asdict(report), indent=2))
-    stem.with_suffix(".md").write_text(markdown(report))
+    write_results(stem, asdict(report), markdown(report))
     print(f"\nwrote {stem}.json and {stem}.md")
     failed = [c.name for c in report.checks if not c.passed]
     if failed:

@@ -30,7 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-from bench.gpu_kernels import copy_bandwidth_gbps, graph_us, results_stem  # noqa: E402
+from bench.gpu_kernels import copy_bandwidth_gbps, graph_us, results_stem, write_results  # noqa: E402
 
 SHAPES = {  # name: (N, K) of nn.Linear weights
     "8b qkv": (6144, 4096), "8b o": (4096, 4096), "8b gate_up": (28672, 4096), "8b down": (4096, 14336),
@@ -166,8 +166,7 @@ def main() -> int:
         return 0
     report = run(args)
     stem = results_stem("gpu_linear", report["device"], report["date"])
-    stem.with_suffix(".json").write_text(json.dumps(report, indent=2))
-    stem.with_suffix(".md").write_text(markdown(report))
+    write_results(stem, report, markdown(report))
     stem.with_name("small_linear_tuning.json").write_text(json.dumps(report["tuning_table"], indent=2))
     print(markdown(report))
     failed = [c for c in report["checks"] if not c["passed"]]
