@@ -320,9 +320,10 @@ def graph_replay_ms(runner: ModelRunner, batch: int = 1) -> float:
 
     gr = runner.session._graph_runner
     bucket = choose_bucket(batch, gr.buckets) if gr is not None else None
-    if bucket is None or bucket not in gr._graphs:
+    key = (bucket, gr._context_bound(bucket, int(gr.context_lens[:batch].max()))) if bucket else None
+    if key not in gr._graphs:  # the graph the last step replayed (its bucket and context bound)
         return float("nan")
-    graph = gr._graphs[bucket][0]
+    graph = gr._graphs[key][0]
     graph.replay()
     a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     a.record()

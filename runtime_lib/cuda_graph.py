@@ -134,13 +134,19 @@ class DecodeGraphRunner:
     `kv_cache`: the pool (num_layers, 2, num_blocks, block_size, kvh, d) the graphs write to;
     `scratch_block`: a block index in it that no sequence owns (padding rows write there).
     `max_seq_len` bounds every row's context length (it fixes the attention partitioning).
+    `short_context=(rows, length)`: steps of at most `rows` rows whose contexts all fit in
+    `length` tokens replay graphs captured with that bound instead (the forward sees it as
+    `meta.max_context_len` and may attend in a way that only suits short contexts).
     With `use_cuda_graph=False` the same padded static-buffer forward runs eagerly: the CPU
     tests use it to check padding and bucketing without a GPU.
     """
 
     def __init__(self, forward: DecodeForward, kv_cache: torch.Tensor, *, max_batch_size: int,
-                 max_seq_len: int, scratch_block: int, use_cuda_graph: bool | None = None) -> None:
+                 max_seq_len: int, scratch_block: int, use_cuda_graph: bool | None = None,
+                 short_context: tuple[int, int] | None = None) -> None:
         check_graph_pool(kv_cache, scratch_block, max_seq_len)
+        if short_context is not None and (short_context[0] < 1 or short_context[1] < 1):
+            raise ValueError(f"short_context must be (rows >= 1, length >= 1), got {short_context}")
         self.forward = forward
         self.kv_cache = kv_cache
         self.device = kv_cache.device
@@ -149,6 +155,8 @@ class DecodeGraphRunner:
         self.max_seq_len = max_seq_len
         self.max_blocks_per_seq = math.ceil(max_seq_len / self.block_size)
         self.buckets = graph_batch_sizes(max_batch_size)
+        short_rows, short_len = short_context or (0, max_seq_len)
+        self.short_context = (short_rows, short_len) if short_len < max_seq_len else None
         self.use_cuda_graph = self.device.type == "cuda" if use_cuda_graph is None else use_cuda_graph
         if self.use_cuda_graph and self.device.type != "cuda":
             raise ValueError(f"use_cuda_graph=True needs a CUDA kv_cache, got device {self.device}")
@@ -165,7 +173,7 @@ class DecodeGraphRunner:
         self._reset_rows(0, G)
         self._dirty_rows = 0      # rows [0, _dirty_rows) may hold a real step's values
         self._dirty_logits = 0
-        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}  # (bucket, bound)
         self._pool = torch.cuda.graph_pool_handle() if self.use_cuda_graph else None
         self.num_replays = 0
 
@@ -176,7 +184,7 @@ class DecodeGraphRunner:
 
     @property
     def captured_batch_sizes(self) -> tuple[int, ...]:
-        return tuple(sorted(self._graphs))
+        return tuple(sorted({bucket for bucket, _ in self._graphs}))
 
     @property
     def graph_pool(self) -> object:
@@ -190,16 +198,18 @@ class DecodeGraphRunner:
     # ------------------------------------------------------------------ running
     def run(self, input_ids: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor,
             context_lens: torch.Tensor, block_tables: torch.Tensor,
-            logits_indices: torch.Tensor) -> torch.Tensor:
-        """One decode step of B rows (one token each). Returns logits (N, V) float32: a view of
-        the graph's static output, valid until the next `run` of this runner."""
+            logits_indices: torch.Tensor, max_context_len: int | None = None) -> torch.Tensor:
+        """One decode step of B rows (one token each); `max_context_len`: a host bound on
+        `context_lens` (None: `max_seq_len`). Returns logits (N, V) float32: a view of the
+        graph's static output, valid until the next `run` of this runner."""
         B, N, W = input_ids.shape[0], logits_indices.shape[0], block_tables.shape[1]
         bucket = choose_bucket(B, self.buckets)
         if bucket is None or W > self.max_blocks_per_seq or N > B:
             raise ValueError(f"decode step of {B} rows, {N} logits, block table width {W} does not fit this "
                              f"runner (max {self.buckets[-1]} rows, width {self.max_blocks_per_seq})")
-        if self.use_cuda_graph and bucket not in self._graphs:
-            self._capture(bucket)
+        bound = self._context_bound(bucket, self.max_seq_len if max_context_len is None else max_context_len)
+        if self.use_cuda_graph and (bucket, bound) not in self._graphs:
+            self._capture(bucket, bound)
         # Rows a larger earlier step filled go back to padding; steady state does nothing here.
         if self._dirty_rows > B:
             self._reset_rows(B, self._dirty_rows)
@@ -217,10 +227,10 @@ class DecodeGraphRunner:
         self.context_lens[:B].copy_(context_lens, non_blocking=True)
         self.block_tables[:B, :W].copy_(block_tables, non_blocking=True)  # columns >= W are never read
         if self.use_cuda_graph:
-            graph, logits = self._graphs[bucket]
+            graph, logits = self._graphs[bucket, bound]
             graph.replay()
         else:
-            logits = self._forward(bucket)
+            logits = self._forward(bucket, bound)
         self.num_replays += 1
         return logits[:N]
 
@@ -228,26 +238,39 @@ class DecodeGraphRunner:
         """Capture graphs now (largest first, so later captures reuse the shared pool) instead
         of on first use; `batch_sizes` defaults to every bucket."""
         if self.use_cuda_graph:
-            capture_buckets(self.buckets, self._graphs, self._capture, batch_sizes)
+            def capture_all_bounds(bucket: int) -> None:
+                for bound in {self._context_bound(bucket, 1), self.max_seq_len}:
+                    if (bucket, bound) not in self._graphs:
+                        self._capture(bucket, bound)
 
-    def _meta(self, bucket: int) -> AttentionMetadata:
+            full = {bucket for bucket, bound in self._graphs if bound == self.max_seq_len}
+            capture_buckets(self.buckets, full, capture_all_bounds, batch_sizes)
+
+    def _context_bound(self, bucket: int, max_context_len: int) -> int:
+        """The context bound of the graph a step of `bucket` rows and that longest context replays."""
+        if self.short_context is not None and bucket <= self.short_context[0] \
+                and max_context_len <= self.short_context[1]:
+            return self.short_context[1]
+        return self.max_seq_len
+
+    def _meta(self, bucket: int, bound: int) -> AttentionMetadata:
         return AttentionMetadata(
             query_lens=self.query_lens[:bucket], context_lens=self.context_lens[:bucket],
             block_tables=self.block_tables[:bucket], slot_mapping=self.slot_mapping[:bucket],
-            max_query_len=1, max_context_len=self.max_seq_len,
+            max_query_len=1, max_context_len=bound,
             cu_query_lens=self.cu_query_lens[:bucket + 1], is_decode=True)
 
-    def _forward(self, bucket: int) -> torch.Tensor:
+    def _forward(self, bucket: int, bound: int) -> torch.Tensor:
         return self.forward(self.input_ids[:bucket], self.positions[:bucket], self.kv_cache,
-                            self._meta(bucket), self.logits_indices[:bucket])
+                            self._meta(bucket, bound), self.logits_indices[:bucket])
 
-    def _capture(self, bucket: int) -> None:
+    def _capture(self, bucket: int, bound: int) -> None:
         # Every row is padding while warming up and capturing: the eager warm-up runs (Triton
         # JIT, cuBLAS workspaces, torch.compile) write only to the scratch block.
         self._reset_rows(0, self._dirty_rows)
         self.logits_indices[:self._dirty_logits].zero_()
         self._dirty_rows = self._dirty_logits = 0
-        self._graphs[bucket] = capture_graph(lambda: self._forward(bucket), self.device, self._pool)
+        self._graphs[bucket, bound] = capture_graph(lambda: self._forward(bucket, bound), self.device, self._pool)
 
     def _reset_rows(self, start: int, stop: int) -> None:
         """Rows [start, stop) become padding: token 0 at position 0 in the scratch block."""

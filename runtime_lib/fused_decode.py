@@ -1,7 +1,7 @@
 """Fused decode step for one row (batch-1 decode, Llama family on the GPU).
 
 At batch 1 the step is bound by streaming the weights once, and what keeps it from that bound
-is the number of launches between the matmuls. This forward runs each layer in four or five
+is the number of launches between the matmuls. This forward runs each layer in four to six
 Triton launches, against ~11 for the compiled step and ~60 eagerly, each launched with
 programmatic dependent launch on Hopper (kernels/pdl.py: it starts fetching its weights while
 its predecessor ends):
@@ -9,7 +9,8 @@ its predecessor ends):
     q     = qkv_rope_kv(x, W_qkv)                               input_layernorm, RoPE, K/V write fused in
             (a large W_qkv: small_linear(x, W_qkv, prologue=RMSNorm), then rope_kv_write; see
             kernels/qkv_rope_kv.py)
-    attn  = paged decode attention(q)
+    attn  = paged decode attention(q)                           in the qkv kernel's epilogue when that is
+                                                                one launch and the context is short
     x     = small_linear(attn, W_o, residual=x)                 residual add fused in
     gu    = small_linear(x, W_gate_up, prologue=RMSNorm)        post_attention_layernorm fused in
     x     = small_linear(gu, W_down, prologue=SiLU*mul, residual=x)
@@ -36,6 +37,12 @@ from .layers.attention import AttentionMetadata
 # One row only: at 2-16 rows this step was slower than cuBLAS + torch.compile on an H100
 # (bench/results/gpu_e2e-20261126-024029.md: ITL 7.6 ms at 2 streams against 6.6 ms).
 MAX_FUSED_ROWS = 1
+# Steps whose context fits this bound (their own decode graph, `DecodeGraphRunner(short_context=)`)
+# attend inside the qkv kernel when it is the one-launch form: one launch fewer a layer, but one
+# program per KV group reads the whole context (no split-K). Llama-3.2-1B's step on an H100
+# (bench/gpu_fused_step.py): 1.043 against 1.075 ms at 192 tokens, 1.073 / 1.087 at 384, 1.101 /
+# 1.094 at 512.
+FUSED_ATTENTION_MAX_CONTEXT = 384
 DISABLE_ENV = "RUNTIME_LIB_FUSED_DECODE"  # "0": always take the fallback forward
 
 
@@ -71,7 +78,7 @@ def llama_fused_decode_forward(model: nn.Module, input_ids: torch.Tensor, positi
     from .kernels.paged_attention import paged_decode_attention
     from .kernels.pdl import pdl_enabled
     from .kernels.qkv_rope_kv import ONE_LAUNCH_MAX_BYTES as QKV_ONE_LAUNCH_MAX_BYTES
-    from .kernels.qkv_rope_kv import qkv_rope_kv
+    from .kernels.qkv_rope_kv import DecodeAttention, qkv_rope_kv, qkv_rope_kv_attention
     from .kernels.rope_kv import rope_kv_write
     from .kernels.small_linear import small_linear
 
@@ -86,15 +93,21 @@ def llama_fused_decode_forward(model: nn.Module, input_ids: torch.Tensor, positi
         norm = layer.input_layernorm
         rope = (positions, attn.rotary.cos_cache, attn.rotary.sin_cache, kv_layer, meta.slot_mapping,
                 attn.num_heads, attn.num_kv_heads)
-        if B == 1 and attn.qkv_proj.weight.nbytes <= QKV_ONE_LAUNCH_MAX_BYTES:  # projection + RoPE + K/V
-            q = qkv_rope_kv(x, attn.qkv_proj.weight, norm.weight, norm.eps, *rope, bias=attn.qkv_proj.bias,
-                            pdl=pdl)                                                          # (1, h, d)
+        one_launch = B == 1 and attn.qkv_proj.weight.nbytes <= QKV_ONE_LAUNCH_MAX_BYTES
+        if one_launch and meta.max_context_len <= FUSED_ATTENTION_MAX_CONTEXT:  # + the attention
+            spec = DecodeAttention(meta.block_tables, meta.context_lens, attn.scale, attn.sliding_window)
+            out = qkv_rope_kv_attention(x, attn.qkv_proj.weight, norm.weight, norm.eps, *rope, spec,
+                                        bias=attn.qkv_proj.bias, pdl=pdl)                     # (1, h, d)
         else:
-            qkv = linear(x, attn.qkv_proj.weight, bias=attn.qkv_proj.bias, prologue="rmsnorm",
-                         norm_weight=norm.weight, eps=norm.eps)
-            q = rope_kv_write(qkv, *rope, pdl=pdl)                                            # (B, h, d)
-        out = paged_decode_attention(q, kv_layer, meta.block_tables, meta.context_lens, attn.scale,
-                                     attn.sliding_window, meta.max_context_len, pdl=pdl)  # (B, h, d)
+            if one_launch:                                                    # projection + RoPE + K/V
+                q = qkv_rope_kv(x, attn.qkv_proj.weight, norm.weight, norm.eps, *rope, bias=attn.qkv_proj.bias,
+                                pdl=pdl)                                                      # (1, h, d)
+            else:
+                qkv = linear(x, attn.qkv_proj.weight, bias=attn.qkv_proj.bias, prologue="rmsnorm",
+                             norm_weight=norm.weight, eps=norm.eps)
+                q = rope_kv_write(qkv, *rope, pdl=pdl)                                        # (B, h, d)
+            out = paged_decode_attention(q, kv_layer, meta.block_tables, meta.context_lens, attn.scale,
+                                         attn.sliding_window, meta.max_context_len, pdl=pdl)  # (B, h, d)
         x = linear(out.view(B, attn.q_size), attn.o_proj.weight, bias=attn.o_proj.bias, residual=x)
         gate_up = linear(x, mlp.gate_up_proj.weight, prologue="rmsnorm",
                          norm_weight=layer.post_attention_layernorm.weight,
@@ -123,5 +136,5 @@ def make_fused_decode_forward(model: nn.Module, fallback):
     return forward
 
 
-__all__ = ["MAX_FUSED_ROWS", "fused_decode_disabled_by_env", "fused_decode_unsupported_reason",
+__all__ = ["FUSED_ATTENTION_MAX_CONTEXT", "MAX_FUSED_ROWS", "fused_decode_disabled_by_env", "fused_decode_unsupported_reason",
            "llama_fused_decode_forward", "make_fused_decode_forward"]

@@ -206,6 +206,8 @@ class Session:
             supports_compiled_decode,
         )
         from .fused_decode import (
+            FUSED_ATTENTION_MAX_CONTEXT,
+            MAX_FUSED_ROWS,
             fused_decode_disabled_by_env,
             fused_decode_unsupported_reason,
             make_fused_decode_forward,
@@ -222,11 +224,15 @@ class Session:
         if compile and supports_compiled_decode(model):
             forward = make_compiled_decode_forward(model)
         fused = self.fused_decode if fused is None else fused
+        short_context = None
         if (fused and not fused_decode_disabled_by_env()
                 and fused_decode_unsupported_reason(model) is None):
             forward = make_fused_decode_forward(model, forward)
+            # Short one-row steps get their own graphs: there the fused step attends inside its
+            # qkv kernel (one launch fewer a layer).
+            short_context = (MAX_FUSED_ROWS, FUSED_ATTENTION_MAX_CONTEXT) if FUSED_ATTENTION_MAX_CONTEXT else None
         runner = DecodeGraphRunner(forward, kv_cache, max_batch_size=max_batch_size, max_seq_len=max_seq_len,
-                                   scratch_block=scratch_block)
+                                   scratch_block=scratch_block, short_context=short_context)
         prefill = None
         if self.prefill_graph_max_tokens > 0 and not prefill_graphs_disabled_by_env():
             compile_prefill = compile if self.compile_prefill_graphs is None else self.compile_prefill_graphs
@@ -310,7 +316,8 @@ class Session:
                 else:
                     logits = runner.run(inputs["input_ids"], inputs["position_ids"], slot_mapping,
                                         inputs["sequence_lengths"].to(torch.int32),
-                                        inputs["kv_cache_block_offsets"].to(torch.int32), inputs["logits_indices"])
+                                        inputs["kv_cache_block_offsets"].to(torch.int32), inputs["logits_indices"],
+                                        max_context_len=int(inputs["host_max_sequence_length"]))
             else:
                 meta = self._metadata(inputs)
                 logits = self._backend.forward(inputs["input_ids"], inputs["position_ids"], inputs["kv_cache"],

@@ -84,6 +84,41 @@ def mma(a, b, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     return c
 
 
+@triton.jit
+def attend_range(q, k_ptr, v_ptr, block_table_ptr, lo, hi, stride_kblk, stride_kslot, scale_log2,
+                 HEAD_SIZE: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+                 DOT_UPCAST: tl.constexpr, CACHE: tl.constexpr):
+    """Online softmax of the (BLOCK_G, BLOCK_D) query heads `q` of one KV head over context
+    positions [lo, hi) of one sequence: k_ptr/v_ptr point at that KV head in the cache,
+    block_table_ptr at the sequence's block table. Returns the unnormalised (m, l, acc).
+    CACHE: the K/V loads' cache modifier (".cg" when this kernel wrote them itself)."""
+    BLOCK_G: tl.constexpr = q.shape[0]
+    BLOCK_D: tl.constexpr = q.shape[1]
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < HEAD_SIZE
+    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    for tile in range(lo, hi, BLOCK_N):
+        pos = tile + tl.arange(0, BLOCK_N)                                      # (BLOCK_N,)
+        valid = pos < hi
+        blk = tl.load(block_table_ptr + pos // BLOCK_SIZE, mask=valid, other=0)
+        offs_kv = blk.to(tl.int64) * stride_kblk + (pos % BLOCK_SIZE) * stride_kslot
+        kv_mask = valid[:, None] & d_mask[None, :]
+        k = tl.load(k_ptr + offs_kv[:, None] + offs_d[None, :], mask=kv_mask, other=0.0,
+                    cache_modifier=CACHE)                                       # (BLOCK_N, BLOCK_D)
+        v = tl.load(v_ptr + offs_kv[:, None] + offs_d[None, :], mask=kv_mask, other=0.0, cache_modifier=CACHE)
+        s = mma(q, tl.trans(k.to(q.dtype)), INPUT_PRECISION, DOT_UPCAST) * scale_log2  # (BLOCK_G, BLOCK_N)
+        s = tl.where(valid[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + mma(p.to(q.dtype), v.to(q.dtype), INPUT_PRECISION, DOT_UPCAST)
+        m_i = m_new
+    return m_i, l_i, acc
+
+
 # Host ints that change from step to step are plain arguments, not specialised (a new value
 # divisible by 16, or a new constexpr, would JIT-compile a new variant in the middle of serving).
 @triton.jit(do_not_specialize=["num_partitions", "slices_wanted", "min_partition",
@@ -145,26 +180,9 @@ def _decode_partition_kernel(
     q = tl.load(q_ptr + q_row * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
                 mask=g_mask[:, None] & d_mask[None, :], other=0.0)             # (BLOCK_G, BLOCK_D)
 
-    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_G], tl.float32)
-    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-    kv_base = kv_head * stride_khead
-    for tile in range(lo, hi, BLOCK_N):
-        pos = tile + tl.arange(0, BLOCK_N)                                      # (BLOCK_N,)
-        valid = pos < hi
-        blk = tl.load(block_tables_ptr + seq * stride_bt + pos // BLOCK_SIZE, mask=valid, other=0)
-        offs_kv = kv_base + blk.to(tl.int64) * stride_kblk + (pos % BLOCK_SIZE) * stride_kslot
-        kv_mask = valid[:, None] & d_mask[None, :]
-        k = tl.load(k_ptr + offs_kv[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)  # (BLOCK_N, BLOCK_D)
-        v = tl.load(v_ptr + offs_kv[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
-        s = mma(q, tl.trans(k.to(q.dtype)), INPUT_PRECISION, DOT_UPCAST) * scale_log2  # (BLOCK_G, BLOCK_N)
-        s = tl.where(valid[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + mma(p.to(q.dtype), v.to(q.dtype), INPUT_PRECISION, DOT_UPCAST)
-        m_i = m_new
+    m_i, l_i, acc = attend_range(q, k_ptr + kv_head * stride_khead, v_ptr + kv_head * stride_khead,
+                                 block_tables_ptr + seq * stride_bt, lo, hi, stride_kblk, stride_kslot,
+                                 scale_log2, HEAD_SIZE, BLOCK_SIZE, BLOCK_N, INPUT_PRECISION, DOT_UPCAST, "")
 
     if USE_PARTITIONS:
         # Partials: (B, H, P) for m/l and (B, H, P, BLOCK_D) for the unnormalized output.
@@ -241,6 +259,12 @@ class DecodeTuning:
 DEFAULT_DECODE_TUNING = DecodeTuning()
 
 
+def decode_block_n(block_size: int, head_size: int) -> int:
+    """Default K/V tokens per inner-loop tile. One tile = several cache blocks when blocks are
+    small: fewer, larger loads per iteration."""
+    return max(block_size, 64 if head_size <= 128 else 32)
+
+
 def choose_partition_size(num_seqs: int, num_kv_heads: int, max_context_len: int, parallelism: int,
                           block_n: int, max_partition_size: int = 2048) -> int:
     """Largest power-of-two partition (>= block_n) that still gives ~2 programs per SM.
@@ -300,8 +324,7 @@ def launch_decode(q: torch.Tensor, kv_layer: torch.Tensor, block_tables: torch.T
     if num_seqs == 0 or max_context_len <= 0:
         return out.zero_() if cu_query_lens is None else out
 
-    # One K/V tile = several cache blocks when blocks are small: fewer, larger loads per iteration.
-    block_n = tuning.block_n or max(block_size, 64 if head_size <= 128 else 32)
+    block_n = tuning.block_n or decode_block_n(block_size, head_size)
     forced = partition_size is not None
     if not forced:
         partition_size = choose_partition_size(num_seqs, num_kv_heads, max_context_len,

@@ -95,3 +95,62 @@ def test_bad_inputs_name_the_argument(mods):
         mods.fused(**a, tuning=LinearTuning(block_n=6, block_k=32))
     with pytest.raises(ValueError, match="qkv must be"):                 # a weight of the wrong height
         mods.fused(**{**a, "weight": a["weight"][:-32]})
+
+
+# ----------------------------------------------------------------------------- attention fused in
+@pytest.fixture(scope="module")
+def attn_mods(mods, interpreted, kernels) -> types.SimpleNamespace:
+    from runtime_lib.kernels import qkv_rope_kv
+
+    qkv_rope_kv = interpreted(qkv_rope_kv, "_qkv_rope_kv_kernel")
+    return types.SimpleNamespace(fused=qkv_rope_kv.qkv_rope_kv_attention, spec=qkv_rope_kv.DecodeAttention,
+                                 qkv=mods.fused, decode=kernels.decode)
+
+
+def history(a: dict, ctx: int, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fill the first ctx-1 context positions of a shuffled 3-block table with random K/V; the
+    step's token goes to position ctx-1. Returns (block_tables (1, 3), context_lens (1,))."""
+    g = torch.Generator().manual_seed(seed)
+    kv = a["kv_layer"]
+    table = torch.tensor([[4, 0, 2]], dtype=torch.int32)
+    bs = kv.shape[2]
+    for p in range(ctx - 1):
+        kv[:, table[0, p // bs], p % bs] = torch.randn(kv.shape[0], *kv.shape[3:], generator=g).to(kv.dtype)
+    last = ctx - 1
+    a["slot_mapping"] = torch.tensor([int(table[0, last // bs]) * bs + last % bs])
+    a["positions"] = torch.tensor([last])
+    return table, torch.tensor([ctx], dtype=torch.int32)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("ctx,window", [(1, None), (7, None), (12, None), (12, 5)])
+def test_attention_in_the_epilogue_equals_qkv_rope_kv_then_paged_decode_attention(attn_mods, kernels, dtype, ctx,
+                                                                                   window):
+    a = make_inputs(h=8, kvh=2, d=32, dtype=dtype, seed=ctx)          # GQA group 4, 4-slot blocks
+    table, lens = history(a, ctx)
+    tuning = LinearTuning(block_n=8, block_k=32)
+    kv = a["kv_layer"].clone()
+    out = attn_mods.fused(**{**a, "kv_layer": kv}, attention=attn_mods.spec(table, lens, 0.3, window),
+                          tuning=tuning)
+    kv_ref = a["kv_layer"].clone()
+    q = attn_mods.qkv(**{**a, "kv_layer": kv_ref}, tuning=tuning)
+    ref = attn_mods.decode(q, kv_ref, table, lens, 0.3, window, max_context_len=128, partition_size=128,
+                           tuning=kernels.DecodeTuning(block_n=128))  # one tile, as the epilogue's
+    assert out.shape == (1, 8, 32) and out.dtype == dtype
+    assert torch.equal(kv, kv_ref)                                    # the K/V write as before
+    assert torch.equal(out, ref)                                      # one pass: the unsplit kernel's bits
+    # A second call reuses the arrival counters: they were reset by each group's last program.
+    again = attn_mods.fused(**{**a, "kv_layer": a["kv_layer"].clone()}, attention=attn_mods.spec(table, lens, 0.3,
+                                                                                                  window), tuning=tuning)
+    assert torch.equal(again, out)
+
+
+def test_attention_spec_is_checked(attn_mods):
+    a = make_inputs()
+    table = torch.zeros(1, 3, dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"attention.context_lens must be \(1,\)"):
+        attn_mods.fused(**a, attention=attn_mods.spec(table.expand(2, 3), torch.ones(2, dtype=torch.int32), 1.0))
+    with pytest.raises(ValueError, match="block_tables/context_lens must be int32"):
+        attn_mods.fused(**a, attention=attn_mods.spec(table.long(), torch.ones(1, dtype=torch.int32), 1.0))
+    with pytest.raises(ValueError, match="sliding_window must be a positive int"):
+        attn_mods.fused(**a, attention=attn_mods.spec(table, torch.ones(1, dtype=torch.int32), 1.0, 0))

@@ -164,6 +164,33 @@ def test_logits_for_a_subset_of_rows_come_back_in_the_requested_order(model):
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
+def test_short_steps_of_few_rows_run_with_the_short_context_bound(model):
+    """`short_context=(rows, length)`: the forward sees `length` as max_context_len for steps of
+    at most `rows` rows whose longest context fits it, the runner's max_seq_len otherwise."""
+    kv = prefilled_cache(model)
+    backend, bounds = TorchBackend(model), []
+
+    def forward(input_ids, positions, kv_cache, meta, logits_indices):
+        bounds.append(meta.max_context_len)
+        return backend.forward(input_ids, positions, kv_cache, meta, logits_indices)
+
+    runner = DecodeGraphRunner(forward, kv, max_batch_size=4, max_seq_len=64, scratch_block=SCRATCH,
+                               use_cuda_graph=False, short_context=(1, 16))
+    one = decode_inputs([2], [21])
+    runner.run(*(one[k] for k in ("input_ids", "position_ids", "slot_mapping", "sequence_lengths",
+                                  "kv_cache_block_offsets", "logits_indices")), max_context_len=16)
+    runner.run(*(one[k] for k in ("input_ids", "position_ids", "slot_mapping", "sequence_lengths",
+                                  "kv_cache_block_offsets", "logits_indices")), max_context_len=17)
+    runner_decode(runner, one)                           # no bound given: the runner's max_seq_len
+    runner_decode(runner, decode_inputs([0, 1], [5, 6]))  # two rows
+    assert bounds == [16, 64, 64, 64]
+    assert DecodeGraphRunner(forward, kv, max_batch_size=4, max_seq_len=16, scratch_block=SCRATCH,
+                             use_cuda_graph=False, short_context=(1, 16)).short_context is None
+    with pytest.raises(ValueError, match=r"short_context must be \(rows >= 1, length >= 1\)"):
+        DecodeGraphRunner(forward, kv, max_batch_size=4, max_seq_len=64, scratch_block=SCRATCH,
+                          use_cuda_graph=False, short_context=(0, 16))
+
+
 def test_runner_refuses_batches_and_tables_it_was_not_built_for(model):
     kv = prefilled_cache(model)
     runner = make_runner(model, kv, max_batch_size=2, max_seq_len=8)

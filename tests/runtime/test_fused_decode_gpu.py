@@ -154,6 +154,67 @@ def test_qkv_rope_kv_equals_the_projection_then_rope_kv_write_bit_for_bit(pdl):
     assert torch.equal(kv, kv_ref)
 
 
+@pytest.mark.parametrize("pdl", [False, True])
+def test_attention_in_the_qkv_epilogue_is_right_on_every_graph_replay(pdl):
+    """Llama-3.2-1B shapes: qkv + RoPE + K/V write + decode attention in one launch, captured in
+    a graph and replayed for contexts of 1 to 1024 tokens, equals qkv_rope_kv followed by the
+    decode kernel (bf16 within an ulp or two: the two kernels' warp counts differ), and leaves
+    the arrival counters at zero."""
+    from runtime_lib.kernels.paged_attention import DecodeTuning, arrival_counters, paged_decode_attention
+    from runtime_lib.kernels.pdl import pdl_enabled
+    from runtime_lib.kernels.qkv_rope_kv import (
+        ATTENTION_BLOCK_N,
+        DecodeAttention,
+        qkv_rope_kv,
+        qkv_rope_kv_attention,
+    )
+
+    if pdl and not pdl_enabled(torch.device("cuda")):
+        pytest.skip("PDL needs sm_90+")
+    h, kvh, d, hidden, bs, nb = 32, 8, 64, 2048, 16, 80
+    n = (h + 2 * kvh) * d
+    g = torch.Generator(device="cuda").manual_seed(11)
+    x = torch.randn(1, hidden, device="cuda", generator=g).to(torch.bfloat16)
+    w = (torch.randn(n, hidden, device="cuda", generator=g) / hidden ** 0.5).to(torch.bfloat16)
+    norm_w = (torch.rand(hidden, device="cuda", generator=g) + 0.5).to(torch.bfloat16)
+    rotary = RotaryEmbedding(d, 4096, 500000.0).cuda()
+    kv = torch.randn(2, nb, bs, kvh, d, device="cuda", generator=g).to(torch.bfloat16)
+    table = torch.randperm(nb, device="cuda", generator=g)[:64].int().view(1, 64)
+    positions = torch.zeros(1, dtype=torch.int64, device="cuda")
+    slots = torch.zeros(1, dtype=torch.int64, device="cuda")
+    lens = torch.zeros(1, dtype=torch.int32, device="cuda")
+    out = torch.empty(1, h, d, device="cuda", dtype=torch.bfloat16)
+    args = (positions, rotary.cos_cache, rotary.sin_cache)
+
+    def set_context(ctx):
+        positions.fill_(ctx - 1)
+        slots.fill_(int(table[0, (ctx - 1) // bs]) * bs + (ctx - 1) % bs)
+        lens.fill_(ctx)
+
+    def step(kv_layer):
+        qkv_rope_kv_attention(x, w, norm_w, 1e-5, *args, kv_layer, slots, h, kvh,
+                              DecodeAttention(table, lens, d ** -0.5), out=out, pdl=pdl)
+
+    set_context(5)
+    step(kv.clone())  # warm-up: compiles, allocates the counters outside the capture
+    graph_kv = kv.clone()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step(graph_kv)
+    for ctx in (1, 17, 300, 1024):
+        set_context(ctx)
+        graph_kv.copy_(kv)
+        graph.replay()
+        ref_kv = kv.clone()
+        q = qkv_rope_kv(x, w, norm_w, 1e-5, *args, ref_kv, slots, h, kvh)
+        ref = paged_decode_attention(q, ref_kv, table, lens, d ** -0.5, None, 1024, partition_size=1024,
+                                     tuning=DecodeTuning(block_n=ATTENTION_BLOCK_N))
+        torch.cuda.synchronize()
+        assert torch.equal(graph_kv, ref_kv), ctx
+        torch.testing.assert_close(out, ref, rtol=1e-2, atol=1e-2)
+        assert not arrival_counters(x.device, kvh).any(), f"counters left set at context {ctx}"
+
+
 def test_one_launch_argmax_equals_torch_on_a_llama3_vocabulary():
     from runtime_lib.kernels.paged_attention import arrival_counters
     from runtime_lib.sampling_ops import argmax_rows
