@@ -1,0 +1,75 @@
+"""Build the Triton IR of kernels for an sm_90 target on a machine without a GPU: what the
+compiler's front end (type checks, constexpr branches, shapes) rejects shows up here, not only
+on the lent GPU. The interpreter (TRITON_INTERPRET) never runs these checks, so this runs in a
+child process without it: `python build_ir.py` prints one line per kernel variant built.
+
+Signatures are derived from parameter names: `*_ptr` are pointers (dtype from the table),
+`eps`/`scale*` fp32, other runtime ints i32; constexprs come from each case."""
+from __future__ import annotations
+
+import sys
+
+import triton._C.libtriton as libtriton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from triton.compiler.compiler import make_backend
+
+FLOATS = ("eps", "scale_log2")
+
+
+def signature(fn, constexprs: dict, pointers: dict[str, str], default_ptr: str) -> dict[str, str]:
+    sig = {}
+    for p in fn.params:
+        if p.is_constexpr:
+            sig[p.name] = "constexpr"
+        elif p.name.endswith("_ptr"):
+            sig[p.name] = pointers.get(p.name, default_ptr)
+        else:
+            sig[p.name] = "fp32" if p.name in FLOATS else "i32"
+    missing = [p.name for p in fn.params if p.is_constexpr and p.name not in constexprs]
+    if missing:
+        raise ValueError(f"{fn.__name__}: no value for constexprs {missing}")
+    return sig
+
+
+def build(fn, constexprs: dict, pointers: dict[str, str], *, default_ptr: str = "*bf16", num_warps: int = 4) -> int:
+    target = GPUTarget("cuda", 90, 32)
+    backend = make_backend(target)
+    options = backend.parse_options({"num_warps": num_warps})
+    ctx = libtriton.ir.context()
+    libtriton.ir.load_dialects(ctx)
+    backend.load_dialects(ctx)
+    src = ASTSource(fn, signature(fn, constexprs, pointers, default_ptr), constexprs=constexprs)
+    module = src.make_ir(target, options, backend.get_codegen_implementation(options), backend.get_module_map(), ctx)
+    return len(str(module))
+
+
+def cases():
+    from runtime_lib.kernels import paged_attention, qkv_rope_kv
+
+    int_ptrs = {"positions_ptr": "*i64", "slot_ptr": "*i64", "block_table_ptr": "*i32", "context_lens_ptr": "*i32",
+                "arrivals_ptr": "*i32", "cos_ptr": "*fp32", "sin_ptr": "*fp32"}
+    for attend in (False, True):
+        for window in (False, True):
+            yield (f"qkv_rope_kv attend={attend} window={window}", qkv_rope_kv._qkv_rope_kv_kernel,
+                   dict(HAS_BIAS=False, HEAD_SIZE=64, BLOCK_SIZE=16, BLOCK_N=8, BLOCK_K=1024, DOT_UPCAST=False,
+                        RNE=False, USE_PDL=True, PREFETCH_COLS=16, ATTEND=attend, GROUP=4, BLOCK_G=16,
+                        ATTN_BLOCK_N=128, HAS_WINDOW=window, INPUT_PRECISION="tf32"), int_ptrs)
+    attn_ptrs = {"part_acc_ptr": "*fp32", "part_m_ptr": "*fp32", "part_l_ptr": "*fp32", "arrivals_ptr": "*i32",
+                 "block_tables_ptr": "*i32", "context_lens_ptr": "*i32", "cu_q_ptr": "*i32"}
+    for parts in (False, True):
+        for mixed in (False, True):
+            yield (f"decode partitions={parts} mixed={mixed}", paged_attention._decode_partition_kernel,
+                   dict(GROUP=4, BLOCK_G=16, HEAD_SIZE=128, BLOCK_D=128, BLOCK_SIZE=16, BLOCK_N=64,
+                        USE_PARTITIONS=parts, HAS_WINDOW=True, INPUT_PRECISION="tf32", DOT_UPCAST=False,
+                        MIXED=mixed, USE_PDL=True), attn_ptrs)
+
+
+def main() -> int:
+    for name, fn, constexprs, pointers in cases():
+        print(f"{name}: {build(fn, constexprs, pointers)} chars of TTIR")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
