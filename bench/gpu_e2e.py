@@ -484,10 +484,51 @@ def make_engine(session: Session, max_num_seqs: int, tokens_per_seq: int, compil
                                   compile_decode=compile_, fused_decode=fused), session=session)
 
 
+def step_phases(steps: list[tuple[float, int, int]], t0: float) -> dict:
+    """Where an engine run's time went, from (launch time, tokens, rows) per step: time from
+    the start to the first launch, then steps with prompt tokens (prefill/mixed) against
+    decode-only steps (each step's share: the time to the next launch)."""
+    out = {"to_first_launch_s": steps[0][0] - t0 if steps else 0.0}
+    for kind in ("mixed", "decode"):
+        out[kind] = {"steps": 0, "s": 0.0, "tokens": 0}
+    for (t, tokens, rows), (t_next, _, _) in itertools.pairwise(steps):
+        kind = out["mixed" if tokens > rows else "decode"]
+        kind["steps"] += 1
+        kind["s"] += t_next - t
+        kind["tokens"] += tokens
+    d = out["decode"]
+    d["ms_per_step"] = 1e3 * d["s"] / max(d["steps"], 1)
+    d["rows_per_step"] = d["tokens"] / max(d["steps"], 1)
+    decode_ms = [1e3 * (t_next - t) for (t, tokens, rows), (t_next, _, _) in itertools.pairwise(steps)
+                 if tokens == rows]
+    d["step_ms_pcts"] = {q: pct(decode_ms, q) for q in (10, 50, 90, 100)} if decode_ms else {}
+    out["steps"] = [(round(1e3 * (t - t0), 2), tokens, rows) for t, tokens, rows in steps]  # launch ms, tokens, rows
+    return out
+
+
 def run_engine(session: Session, prompts: list[torch.Tensor], osl: int, engine: LLMEngine,
                gap_s: float = 0.0, tokens: list[list[int]] | None = None) -> dict:
     """Submit every prompt at once (or one every `gap_s` seconds); per request the submit time
-    and (time, n tokens) arrivals. `tokens`: filled with each request's output token ids."""
+    and (time, n tokens) arrivals. `tokens`: filled with each request's output token ids.
+    Also the split of the run's time between mixed and decode-only steps (`step_phases`)."""
+    steps: list[tuple[float, int, int]] = []
+    on_step_done = engine.scheduler.on_step_done
+
+    def record_step(sched) -> None:  # called by the engine thread right after it launched a step
+        steps.append((time.perf_counter(), sched.num_batched_tokens, len(sched.scheduled)))
+        on_step_done(sched)
+
+    engine.scheduler.on_step_done = record_step
+    gc_pauses: list[float] = []  # the interpreter's garbage collections during the run (any thread)
+    gc_start = [0.0]
+
+    def on_gc(phase: str, info: dict) -> None:
+        if phase == "start":
+            gc_start[0] = time.perf_counter()
+        elif info.get("generation") == 2 or time.perf_counter() - gc_start[0] > 1e-3:
+            gc_pauses.append(time.perf_counter() - gc_start[0])
+
+    gc.callbacks.append(on_gc)
     arrivals: dict[str, list[tuple[float, int]]] = {}
     submit: dict[str, float] = {}
     done = threading.Event()
@@ -525,7 +566,12 @@ def run_engine(session: Session, prompts: list[torch.Tensor], osl: int, engine: 
             if k:
                 itl += [(t - t_prev) * 1e3 / k] * k
     st = engine.stats()
+    engine.scheduler.on_step_done = on_step_done
+    gc.callbacks.remove(on_gc)
     return {"requests": len(prompts), "output_tokens": n_out, "wall_s": t_end - t0, "tok_s": n_out / (t_end - t0),
+            "phases": step_phases(steps + [(t_end, 0, 0)], t0),
+            "gc_pauses_over_1ms_or_gen2": {"count": len(gc_pauses), "total_s": sum(gc_pauses),
+                                           "max_ms": 1e3 * max(gc_pauses, default=0.0)},
             "ttft_ms": {q: pct(ttft, q) for q in (50, 90, 99)}, "itl_ms": {q: pct(itl, q) for q in (50, 90, 99)},
             "preempted_total": st.num_preempted_total, "steps_total": st.num_steps_total}
 
@@ -578,7 +624,8 @@ def offline_runner(name: str, session: Session, prompts: list[torch.Tensor], osl
 def offline_one(name: str, session: Session, prompts: list[torch.Tensor], isl: int, osl: int, batch: int,
                 key: str, out: dict, args, vocab: int) -> None:
     try:
-        offline_runner(name, session, prompts, osl, batch, key, out, args)
+        if not args.engine_only:
+            offline_runner(name, session, prompts, osl, batch, key, out, args)
     except torch.OutOfMemoryError as e:
         # ModelRunner prefills the whole batch in one pass (1000-token prompts x 128+ rows
         # overflow an 80 GB card); the engine's chunked prefill still runs at this batch.
@@ -593,9 +640,10 @@ def offline_one(name: str, session: Session, prompts: list[torch.Tensor], isl: i
     try:
         run_engine(session, random_prompts(batch, isl, vocab, seed=1003), 3, engine)  # warm-up
         window = None
-        if args.profile_offline and isl >= 1000:
-            window = threading.Thread(target=profile_engine_window, args=(engine, args.profile_offline, out, key),
-                                      daemon=True)
+        delays = [float(d) for d in args.profile_offline.split(",") if d] if args.profile_offline else []
+        if delays:
+            window = threading.Thread(target=profile_engine_windows, args=(engine, delays, out, key,
+                                                                          0.5 if isl < 1000 else 1.0), daemon=True)
             window.start()
         stats = run_engine(session, prompts, osl, engine)
         if window is not None:
@@ -605,14 +653,29 @@ def offline_one(name: str, session: Session, prompts: list[torch.Tensor], isl: i
     engine = None  # drop its KV pool and graphs now
     free_cuda()
     out["engine"][key] = stats
+    ph = stats["phases"]
     log(f"{name} offline engine {key}: {stats['tok_s']:,.0f} tok/s ({stats['wall_s']:.2f} s, "
-        f"{stats['steps_total']} steps, {stats['preempted_total']} preemptions)")
+        f"{stats['steps_total']} steps, {stats['preempted_total']} preemptions); first launch after "
+        f"{ph['to_first_launch_s']:.3f} s, {ph['mixed']['steps']} mixed steps {ph['mixed']['s']:.2f} s "
+        f"({ph['mixed']['tokens']} tokens), {ph['decode']['steps']} decode steps {ph['decode']['s']:.2f} s "
+        f"({ph['decode']['ms_per_step']:.1f} ms/step, {ph['decode']['rows_per_step']:.0f} rows; p10/50/90/max "
+        f"{'/'.join(f'{v:.1f}' for v in ph['decode']['step_ms_pcts'].values())} ms); gc "
+        f"{stats['gc_pauses_over_1ms_or_gen2']}")
+
+
+def profile_engine_windows(engine: LLMEngine, delays_s: list[float], out: dict, key: str, window_s: float) -> None:
+    """`profile_engine_window` at each of `delays_s` seconds after the run starts (in order)."""
+    t0 = time.perf_counter()
+    for delay in sorted(delays_s):
+        time.sleep(max(0.0, t0 + delay - time.perf_counter()))
+        profile_engine_window(engine, 0.0, out, f"{key} @{delay:g}s", window_s)
 
 
 def profile_engine_window(engine: LLMEngine, delay_s: float, out: dict, key: str, window_s: float = 1.0) -> None:
     """Kernel time by category over `window_s` of a running engine, `delay_s` after it starts
     (CUPTI sees the engine thread's launches): per step, and the GPU's busy fraction (kernel
-    time / wall time; under 100% means the host or the scheduler leaves the GPU idle)."""
+    time / wall time; under 100% means the host or the scheduler leaves the GPU idle); then
+    where the engine thread spends the next `window_s`."""
     from torch.profiler import ProfilerActivity, profile
 
     time.sleep(delay_s)
@@ -896,8 +959,10 @@ def main() -> int:
     ap.add_argument("--compile-correctness", action="store_true",
                     help="also compare the compiled step's greedy tokens (compiles for batch > 1 too)")
     ap.add_argument("--fp32-check", action="store_true", help="also compare fp32 logits with HF (a copy in fp32)")
-    ap.add_argument("--profile-offline", type=float, default=0.0, metavar="DELAY_S",
-                    help="profile 1 s of the 1000/1000 engine run, DELAY_S after it starts")
+    ap.add_argument("--profile-offline", default="", metavar="DELAY_S[,DELAY_S...]",
+                    help="profile each offline engine run (1 s windows for 1000/1000, 0.5 s for 128/128) "
+                         "DELAY_S after it starts")
+    ap.add_argument("--engine-only", action="store_true", help="offline: the engine only, not ModelRunner.generate")
     ap.add_argument("--profile-latency", type=float, default=0.0, metavar="DELAY_S",
                     help="profile 80 ms of the first --concurrency level's latency run, DELAY_S after it starts")
     ap.add_argument("--fused", action="store_true", help="also the fused small-batch decode step (bs1 section)")

@@ -32,6 +32,7 @@ class EngineConfig:
                                               # Llama family; runtime_lib/fused_decode.py)
     capture_graphs_at_start: bool = True      # capture every graph bucket in __init__, not on first use
     async_scheduling: bool = True             # prepare step t+1 while step t runs (see module doc)
+    freeze_gc: bool | None = None             # gc.freeze() the heap after start-up; None: on CUDA (LLMEngine)
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "max_queue_size"):

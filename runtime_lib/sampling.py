@@ -227,7 +227,14 @@ class SamplingTensors:
         seeds = tuple(random_seed() if p.seed is None else p.seed for p in params)
 
         def t(values: list[Any], dtype: torch.dtype) -> torch.Tensor:
-            return torch.tensor(values, dtype=dtype, device=device)
+            return to_device(torch.tensor(values, dtype=dtype))
+
+        def to_device(host: torch.Tensor) -> torch.Tensor:
+            # From pageable memory a copy waits for the stream's queued work (the step in
+            # flight): the engine would stall until the GPU drains, every time the batch changes.
+            if device.type != "cuda":
+                return host
+            return host.pin_memory().to(device, non_blocking=True)
 
         has_end = [p.end_id >= 0 for p in params]
         # Bad words: one triple per (row, word); the prefix must match the sequence's tail.
@@ -259,7 +266,7 @@ class SamplingTensors:
             seeds=t([to_int64_seed(s) for s in seeds], torch.int64),
             bad_rows=t([b for b, _, _ in triples], torch.int64),
             bad_last=t([tok for _, tok, _ in triples], torch.int64),
-            bad_prefix=torch.from_numpy(prefix).to(device),
+            bad_prefix=to_device(torch.from_numpy(prefix)),
             bad_prefix_len=t([len(pre) for _, _, pre in triples], torch.int64),
             all_greedy=all(greedy),
             greedy_rows=t([b for b in range(B) if greedy[b]], torch.int64) if some_greedy else None,

@@ -282,3 +282,22 @@ def test_cpu_kv_pool_is_capped_by_available_memory(session, llama_dir, monkeypat
         assert engine.blocks.num_blocks < 64 * (512 // 4)
     finally:
         engine.shutdown()
+
+
+def test_freeze_gc_freezes_the_start_up_heap_until_shutdown(session, llama_dir):
+    """A full collection then skips the model and whatever else start-up left alive; off by
+    default on CPU, on by default on CUDA."""
+    import gc
+
+    assert gc.get_freeze_count() == 0
+    plain = make_engine(session, llama_dir)
+    assert gc.get_freeze_count() == 0           # CPU default: off
+    plain.shutdown()
+    engine = make_engine(session, llama_dir, freeze_gc=True)
+    try:
+        assert gc.get_freeze_count() > 0
+        tokens, reason = collect(engine.add_request("r", prompts(1)[0], sampling(0, max_new_tokens=4)))
+        assert len(tokens) == 4 and reason == "length"
+    finally:
+        engine.shutdown()
+    assert gc.get_freeze_count() == 0
