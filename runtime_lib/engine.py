@@ -35,7 +35,7 @@ from .beam_group import BeamGroup
 from .config import SamplingConfig
 from .engine_io import EngineBusyError, EngineConfig, EngineStats, RequestOutput, RequestStream
 from .kv_cache import BlocksManager
-from .model_step import StepRow, apply_block_copies, build_step_inputs
+from .model_step import HostCopy, StepRow, apply_block_copies, build_step_inputs
 from .sampling import SampleOutput, SamplingParams, SamplingTensors, random_seed, sample
 from .scheduler import QueueFullError, RequestRejectedError, Scheduler, SchedulerConfig, SchedulerOutput
 from .sequence import Sequence, SequenceStatus
@@ -78,18 +78,14 @@ class _InFlight:
     sched: SchedulerOutput
     seqs: list[Sequence]                  # rows that sampled, in logits order
     tokens: torch.Tensor | None           # (N,) int64 on the device: feeds the next step
-    host_tokens: torch.Tensor | None      # (N,) int64 on the host (pinned on CUDA)
-    host_logprobs: torch.Tensor | None    # (N,) float32 on the host, when a row asked
-    ready: torch.cuda.Event | None        # host copies done (None: already on the host)
+    host: HostCopy | None                 # the tokens (N,) and log probs (N,) or None, on their way
 
     def results(self) -> tuple[list[int], list[float] | None]:
         """Block until the step's tokens are on the host; (token ids, log probs or None)."""
-        if self.host_tokens is None:
+        if self.host is None:
             return [], None
-        if self.ready is not None:
-            self.ready.synchronize()
-        lps = self.host_logprobs.tolist() if self.host_logprobs is not None else None
-        return self.host_tokens.tolist(), lps
+        tokens, lps = self.host.lists()
+        return tokens, lps
 
 
 class LLMEngine:
@@ -364,7 +360,7 @@ class LLMEngine:
             # late tokens) hold no blocks any more: leave them out.
             live = [s for s in sched.scheduled if not s.seq.status.is_finished]
             if not live:
-                return _InFlight(sched, [], None, None, None, None)
+                return _InFlight(sched, [], None, None)
             rows = [StepRow(s.token_ids, s.num_computed_tokens, s.seq.block_table, s.needs_logits,
                             feed_index=s.seq.data.pending_row)
                     for s in live]
@@ -375,20 +371,9 @@ class LLMEngine:
         self.session.run(inputs, out)
         sampled = [s.seq for s in live if s.needs_logits]
         if not sampled:
-            return _InFlight(sched, [], None, None, None, None)
+            return _InFlight(sched, [], None, None)
         res = self._sample(out["logits"], sampled)
-        tokens, logprobs = res.token_ids, res.logprobs
-        if self.device.type != "cuda":
-            return _InFlight(sched, sampled, tokens, tokens, logprobs, None)
-        host_tokens = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
-        host_tokens.copy_(tokens, non_blocking=True)
-        host_lps = None
-        if logprobs is not None:
-            host_lps = torch.empty(logprobs.shape, dtype=logprobs.dtype, pin_memory=True)
-            host_lps.copy_(logprobs, non_blocking=True)
-        ready = torch.cuda.Event()
-        ready.record()
-        return _InFlight(sched, sampled, tokens, host_tokens, host_lps, ready)
+        return _InFlight(sched, sampled, res.token_ids, HostCopy(res.token_ids, res.logprobs))
 
     def _defer(self, step: _InFlight) -> bool:
         """Give every row of `step` that will go on a placeholder token, so the scheduler runs

@@ -19,7 +19,7 @@ from .config import ModelConfig, SamplingConfig
 from .kv_cache import GenerationSequence, KVCacheManager
 from .logits_processor import LogitsProcessor
 from .mapping import Mapping
-from .model_step import StepRow, apply_block_copies, build_step_inputs
+from .model_step import HostCopy, StepRow, apply_block_copies, build_step_inputs
 from .sampling import SamplingParams, SamplingTensors, random_seed, sample
 from .sampling_ops import (
     TokenHistory,
@@ -304,10 +304,19 @@ class GenerationSession:
                 logits = logits[last]
             # (B, V) -> one row per beam / sample
             logits = logits.repeat_interleave(W, dim=0) if W > 1 else logits
+            # Queue step t+1 on step t's tokens while they are still on the device, then read
+            # them: the host's work of a step overlaps the next forward instead of idling the
+            # GPU (a row that finishes on its token gets one step it discards). Processors and
+            # criteria see the token history first, so with them each step waits.
+            ahead = not use_beams and logits_processor is None and stopping_criteria is None
 
             for step in range(max_new):
                 if output_generation_logits:
-                    gen_logits.append(logits.float().clone())
+                    step_logits = logits.float().clone()
+                    ended = [i for i, r in enumerate(rows) if r.finished]
+                    if ended and ahead:  # a row fed one step past its end reads as not fed: zeros
+                        step_logits[ended] = 0.0
+                    gen_logits.append(step_logits)
                 if logits_processor is not None:
                     logits = logits_processor(step, ids_buf, logits)
                 if use_beams:
@@ -326,9 +335,13 @@ class GenerationSession:
                     history = dict(prompt_ids=[prompts[r.batch_idx] for r in rows],
                                    output_ids=[r.output_ids for r in rows]) if st.needs_history else {}
                     out = sample(logits, st, steps=steps, **history)
-                    lp_list = out.logprobs.tolist() if out.logprobs is not None else None
+                    host = HostCopy(out.token_ids, out.logprobs)
+                    next_logits = None
+                    if ahead and step < max_new - 1:
+                        next_logits = self._next_logits(kv, kv_cache, rows, use_beams, W, feed=out.token_ids)
+                    tok_list, lp_list = host.lists()
                     written, cols = [], []
-                    for i, (r, tok) in enumerate(zip(rows, out.token_ids.tolist())):
+                    for i, (r, tok) in enumerate(zip(rows, tok_list)):
                         if not r.finished:
                             written.append(i)
                             cols.append(r.prompt_len + len(r.output_ids))
@@ -346,26 +359,30 @@ class GenerationSession:
                 if stream:
                     yield self._outputs(prompts, rows, beams, S, end_id, return_dict, output_sequence_lengths,
                                         context_logits, gen_logits, scfg, beam_stop_words)
-                logits = self._next_logits(kv, kv_cache, rows, use_beams, W)
+                logits = next_logits if ahead else self._next_logits(kv, kv_cache, rows, use_beams, W)
             yield self._outputs(prompts, rows, beams, S, end_id, return_dict, output_sequence_lengths,
                                 context_logits, gen_logits, scfg, beam_stop_words)
         finally:
             kv.free_all()
 
     def _next_logits(self, kv: KVCacheManager, kv_cache: torch.Tensor, rows: list[_Row], use_beams: bool,
-                     W: int) -> torch.Tensor:
+                     W: int, feed: torch.Tensor | None = None) -> torch.Tensor:
         """Run the next decode step. Beams: every row until the search is done (BeamSearch
-        wants all rows). Otherwise only unfinished rows; finished rows get zero logits."""
+        wants all rows). Otherwise only unfinished rows; finished rows get zero logits.
+        `feed` (rows,): the last sampled tokens, on the device and not yet appended to the
+        rows: each unfinished row's input is taken from it there (no host sync)."""
         finished_batch = [all(r.finished for r in rows[b * W:(b + 1) * W]) and not use_beams
                           for b in range(len(rows) // W)]
         apply_block_copies(kv_cache, kv.step(finished_batch))
         fed = [i for i, r in enumerate(rows) if use_beams or not finished_batch[r.batch_idx]]
         # Rows of one prompt advance in lockstep in the cache; a finished sample of a prompt
         # whose other samples still run is fed a filler token (its output is already final).
-        logits = self._forward([StepRow([rows[i].output_ids[-1] if not rows[i].finished else 0],
+        fed_live = feed is not None
+        logits = self._forward([StepRow([rows[i].output_ids[-1] if not (rows[i].finished or fed_live) else 0],
                                         kv.sequence_length(rows[i].batch_idx) - 1,
-                                        kv.get_block_table(rows[i].batch_idx, rows[i].beam)) for i in fed],
-                               kv_cache)
+                                        kv.get_block_table(rows[i].batch_idx, rows[i].beam),
+                                        feed_index=i if fed_live and not rows[i].finished else -1) for i in fed],
+                               kv_cache, feed)
         if len(fed) == len(rows):
             return logits
         full = logits.new_zeros(len(rows), logits.shape[1])
@@ -408,8 +425,9 @@ class GenerationSession:
         out = beams.step(x)
         return out.next_tokens, out.parent_beams
 
-    def _forward(self, step_rows: list[StepRow], kv_cache: torch.Tensor) -> torch.Tensor:
-        inputs = build_step_inputs(step_rows, self.tokens_per_block, self.device)
+    def _forward(self, step_rows: list[StepRow], kv_cache: torch.Tensor,
+                 feed_tokens: torch.Tensor | None = None) -> torch.Tensor:
+        inputs = build_step_inputs(step_rows, self.tokens_per_block, self.device, feed_tokens=feed_tokens)
         inputs["kv_cache"] = kv_cache
         outputs: dict[str, torch.Tensor] = {}
         self.runtime.run(inputs, outputs)

@@ -29,6 +29,29 @@ class StepRow:
     feed_index: int = -1
 
 
+class HostCopy:
+    """Device tensors on their way to the host. On CUDA the copies into pinned memory are
+    queued when this is made, so a driver makes it before it queues the next step (a copy
+    queued after that step would wait for it), and `lists()` waits only for them."""
+
+    __slots__ = ("_host", "_ready")
+
+    def __init__(self, *tensors: torch.Tensor | None) -> None:
+        self._ready = None
+        self._host = list(tensors)
+        if any(t is not None and t.device.type == "cuda" for t in tensors):
+            self._host = [None if t is None else torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+                          .copy_(t, non_blocking=True) for t in tensors]
+            self._ready = torch.cuda.Event()
+            self._ready.record()
+
+    def lists(self) -> list[list | None]:
+        """Block until the copies are done; each tensor as a list (None stays None)."""
+        if self._ready is not None:
+            self._ready.synchronize()
+        return [None if t is None else t.tolist() for t in self._host]
+
+
 def _is_run(values: list[int]) -> bool:
     """values == range(values[0], values[0] + len(values))."""
     return all(b - a == 1 for a, b in zip(values, values[1:]))

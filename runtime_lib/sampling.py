@@ -365,7 +365,10 @@ def sample(logits: torch.Tensor, st: SamplingTensors, *, prompt_ids: TokenIds | 
 def _steps(steps: Any, output_ids: Any, history: TokenHistory | None, B: int,
            device: torch.device) -> torch.Tensor:
     if steps is not None:
-        s = torch.as_tensor(steps, dtype=torch.int64).to(device)
+        s = torch.as_tensor(steps, dtype=torch.int64)
+        # Pinned: from pageable memory the copy would wait for the queued forward.
+        s = s.pin_memory().to(device, non_blocking=True) if device.type == "cuda" and s.device.type == "cpu" \
+            else s.to(device)
         if s.shape != (B,):
             raise ValueError(f"steps must have shape ({B},), got {tuple(s.shape)}")
         return s
