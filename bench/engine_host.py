@@ -34,6 +34,7 @@ from runtime_lib.demo import build_checkpoint  # noqa: E402
 from runtime_lib.engine import LLMEngine  # noqa: E402
 from runtime_lib.engine_io import EngineConfig  # noqa: E402
 
+
 def profiled_loop(profiles: list[cProfile.Profile]):
     original = LLMEngine._loop
 

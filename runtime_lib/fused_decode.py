@@ -136,5 +136,5 @@ def make_fused_decode_forward(model: nn.Module, fallback):
     return forward
 
 
-__all__ = ["FUSED_ATTENTION_MAX_CONTEXT", "MAX_FUSED_ROWS", "fused_decode_disabled_by_env", "fused_decode_unsupported_reason",
-           "llama_fused_decode_forward", "make_fused_decode_forward"]
+__all__ = ["FUSED_ATTENTION_MAX_CONTEXT", "MAX_FUSED_ROWS", "fused_decode_disabled_by_env",
+           "fused_decode_unsupported_reason", "llama_fused_decode_forward", "make_fused_decode_forward"]

@@ -86,8 +86,8 @@ def mma(a, b, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 
 @triton.jit
 def attend_range(q, k_ptr, v_ptr, block_table_ptr, lo, hi, stride_kblk, stride_kslot, scale_log2,
-                 HEAD_SIZE: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-                 DOT_UPCAST: tl.constexpr, CACHE: tl.constexpr):
+                 HEAD_SIZE: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+                 INPUT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr, CACHE: tl.constexpr):
     """Online softmax of the (BLOCK_G, BLOCK_D) query heads `q` of one KV head over context
     positions [lo, hi) of one sequence: k_ptr/v_ptr point at that KV head in the cache,
     block_table_ptr at the sequence's block table. Returns the unnormalised (m, l, acc).

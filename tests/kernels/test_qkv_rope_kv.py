@@ -140,8 +140,8 @@ def test_attention_in_the_epilogue_equals_qkv_rope_kv_then_paged_decode_attentio
     assert torch.equal(kv, kv_ref)                                    # the K/V write as before
     assert torch.equal(out, ref)                                      # one pass: the unsplit kernel's bits
     # A second call reuses the arrival counters: they were reset by each group's last program.
-    again = attn_mods.fused(**{**a, "kv_layer": a["kv_layer"].clone()}, attention=attn_mods.spec(table, lens, 0.3,
-                                                                                                  window), tuning=tuning)
+    spec = attn_mods.spec(table, lens, 0.3, window)
+    again = attn_mods.fused(**{**a, "kv_layer": a["kv_layer"].clone()}, attention=spec, tuning=tuning)
     assert torch.equal(again, out)
 
 

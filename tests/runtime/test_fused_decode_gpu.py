@@ -124,6 +124,16 @@ def test_programmatic_dependent_launch_changes_no_bit_of_the_fused_step(llama_di
         assert torch.equal(a, b)
 
 
+def qkv_layer(n: int, hidden: int, head_size: int, seed: int):
+    """A bf16 input row, qkv weight (n, hidden), norm weight and Llama-3 rotary tables on the
+    GPU, and the generator that made them (for more inputs)."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    x = torch.randn(1, hidden, device="cuda", generator=g).to(torch.bfloat16)
+    w = (torch.randn(n, hidden, device="cuda", generator=g) / hidden ** 0.5).to(torch.bfloat16)
+    norm_w = (torch.rand(hidden, device="cuda", generator=g) + 0.5).to(torch.bfloat16)
+    return x, w, norm_w, RotaryEmbedding(head_size, 4096, 500000.0).cuda(), g
+
+
 @pytest.mark.parametrize("pdl", [False, True])
 def test_qkv_rope_kv_equals_the_projection_then_rope_kv_write_bit_for_bit(pdl):
     """The one-launch qkv step of the fused decode path, compiled (and with PDL on sm_90+), on
@@ -137,11 +147,7 @@ def test_qkv_rope_kv_equals_the_projection_then_rope_kv_write_bit_for_bit(pdl):
         pytest.skip("PDL needs sm_90+")
     h, kvh, d, hidden, bs, nb = 32, 8, 128, 4096, 16, 8
     n = (h + 2 * kvh) * d
-    g = torch.Generator(device="cuda").manual_seed(7)
-    x = torch.randn(1, hidden, device="cuda", generator=g).to(torch.bfloat16)
-    w = (torch.randn(n, hidden, device="cuda", generator=g) / hidden ** 0.5).to(torch.bfloat16)
-    norm_w = (torch.rand(hidden, device="cuda", generator=g) + 0.5).to(torch.bfloat16)
-    rotary = RotaryEmbedding(d, 4096, 500000.0).cuda()
+    x, w, norm_w, rotary, _ = qkv_layer(n, hidden, d, seed=7)
     positions = torch.tensor([1234], device="cuda")
     slots = torch.tensor([37], device="cuda")
     kv, kv_ref = (torch.full((2, nb, bs, kvh, d), 7.0, device="cuda", dtype=torch.bfloat16) for _ in range(2))
@@ -173,11 +179,7 @@ def test_attention_in_the_qkv_epilogue_is_right_on_every_graph_replay(pdl):
         pytest.skip("PDL needs sm_90+")
     h, kvh, d, hidden, bs, nb = 32, 8, 64, 2048, 16, 80
     n = (h + 2 * kvh) * d
-    g = torch.Generator(device="cuda").manual_seed(11)
-    x = torch.randn(1, hidden, device="cuda", generator=g).to(torch.bfloat16)
-    w = (torch.randn(n, hidden, device="cuda", generator=g) / hidden ** 0.5).to(torch.bfloat16)
-    norm_w = (torch.rand(hidden, device="cuda", generator=g) + 0.5).to(torch.bfloat16)
-    rotary = RotaryEmbedding(d, 4096, 500000.0).cuda()
+    x, w, norm_w, rotary, g = qkv_layer(n, hidden, d, seed=11)
     kv = torch.randn(2, nb, bs, kvh, d, device="cuda", generator=g).to(torch.bfloat16)
     table = torch.randperm(nb, device="cuda", generator=g)[:64].int().view(1, 64)
     positions = torch.zeros(1, dtype=torch.int64, device="cuda")
