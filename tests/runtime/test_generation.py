@@ -682,3 +682,38 @@ def test_a_stream_created_before_another_setup_keeps_its_own_shapes(runner, hf):
         assert generated(a["output_ids"], a["sequence_lengths"], i, 0, len(p)) == hf_generate(hf, p)
     assert generated(b["output_ids"], b["sequence_lengths"], 0, 0, len(PROMPTS[0])) == \
         hf_generate(hf, PROMPTS[0], max_new_tokens=2)
+
+
+class NeverStop(StoppingCriteria):
+    def __call__(self, step, input_ids, scores):
+        return False
+
+
+@pytest.mark.parametrize("kw", [
+    dict(),                                                                         # greedy, end_id ends rows
+    dict(temperature=0.8, top_k=20, random_seed=5, num_return_sequences=2),        # sampling, W > 1
+    dict(stop_words_list=[[250, 260]], output_log_probs=True),                     # stop words, log-probs
+])
+def test_queueing_the_next_step_before_reading_tokens_changes_no_output(make_checkpoint, kw):
+    """Without processors or criteria the loop queues step t+1 on step t's device tokens before
+    it reads them; a criterion that never stops makes every step wait instead. Ids and lengths
+    are the same either way, log-probs and generation logits (zeros past a row's end) too, up to
+    float rounding: a row that just ended runs one more step with the others, and a forward over
+    another number of rows may round differently."""
+    runner = ModelRunner.from_dir(make_checkpoint("llama"), device="cpu", gather_generation_logits=True)
+    prompts = [torch.tensor(p) for p in PROMPTS]
+    # A token the tiny model emits early ends some rows mid-run: an end_id hit must not leak.
+    first = runner.generate(prompts, max_new_tokens=MAX_NEW, end_id=-1, pad_id=PAD_ID)[:, 0]
+    end_id = int(first[0, len(PROMPTS[0]) + 2])
+    args = dict(max_new_tokens=MAX_NEW, end_id=end_id, pad_id=PAD_ID, return_dict=True,
+                output_sequence_lengths=True, **kw)
+    ahead = runner.generate(prompts, **args)
+    waiting = runner.generate(prompts, stopping_criteria=NeverStop(), **args)
+    assert set(ahead) == set(waiting)
+    for key in ahead:
+        if isinstance(ahead[key], torch.Tensor) and ahead[key].is_floating_point():
+            torch.testing.assert_close(ahead[key], waiting[key], rtol=1e-5, atol=1e-5, msg=key)
+            assert torch.equal(ahead[key] == 0, waiting[key] == 0), key
+        elif isinstance(ahead[key], torch.Tensor):
+            assert torch.equal(ahead[key], waiting[key]), key
+    assert (ahead["sequence_lengths"] < max(map(len, PROMPTS)) + MAX_NEW).any()  # some row ended early
