@@ -69,6 +69,28 @@ def test_greedy_generation_through_the_fused_step_equals_the_eager_step_fp32(lla
     assert torch.equal(fused, runner.generate(prompts, max_new_tokens=24, end_id=2, pad_id=3))
 
 
+def test_greedy_generation_across_the_short_context_bound_equals_the_eager_step_fp32(llama_dir):
+    """A row whose context grows past FUSED_ATTENTION_MAX_CONTEXT moves from the short-context
+    graph (attention in the qkv kernel) to the full one (split-K kernel) mid-generation."""
+    from runtime_lib.fused_decode import FUSED_ATTENTION_MAX_CONTEXT
+    from runtime_lib.model_runner import ModelRunner
+
+    runner = ModelRunner.from_dir(llama_dir, device="cuda", dtype="float32")
+    start = FUSED_ATTENTION_MAX_CONTEXT - 8
+    if runner.max_sequence_length < start + 24:
+        pytest.skip("the test checkpoint's context is too short")
+    g = torch.Generator().manual_seed(3)
+    prompt = torch.randint(4, runner.vocab_size, (start,), generator=g)
+    fused = runner.generate([prompt], max_new_tokens=20, end_id=-1, pad_id=3)
+    graphs = runner.session._graph_runner
+    assert graphs is not None and graphs.short_context is not None
+    assert {bound for _, bound in graphs._graphs} == {FUSED_ATTENTION_MAX_CONTEXT, graphs.max_seq_len}
+    runner.session.cuda_graphs = False
+    runner.session._graph_runner = None
+    runner.session.runtime.disable_cuda_graphs()
+    assert torch.equal(fused, runner.generate([prompt], max_new_tokens=20, end_id=-1, pad_id=3))
+
+
 def test_split_k_merge_in_one_launch_is_right_on_every_graph_replay():
     """The arrival counters reset themselves: a captured decode launch with many partitions gives
     the reference result on every replay, for new inputs, and leaves the counters at zero."""
