@@ -287,23 +287,23 @@ class DecodeGraphRunner:
 @torch.library.custom_op("runtime_lib::decode_attention", mutates_args=("kv_cache",))
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, layer: int,
                      slot_mapping: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor,
+                     query_lens: torch.Tensor, cu_query_lens: torch.Tensor,
                      scale: float, sliding_window: int | None, max_context_len: int) -> torch.Tensor:
     """Write this step's k/v (B, kvh, d) into `kv_cache[layer]` and attend q (B, h, d) over each
-    row's paged context: one opaque op so torch.compile keeps the Triton kernel out of its trace."""
+    row's paged context: one opaque op so torch.compile keeps the Triton kernel out of its trace.
+    query_lens (B,) ones and cu_query_lens (B+1,) 0..B come in (the runner's static buffers):
+    made here they were two tiny kernels a layer in every captured step."""
     kv_layer = kv_cache[layer]
     write_kv(kv_layer, k, v, slot_mapping)
-    B = q.shape[0]
-    ones = torch.ones(B, dtype=torch.int32, device=q.device)
-    meta = AttentionMetadata(query_lens=ones, context_lens=context_lens, block_tables=block_tables,
+    meta = AttentionMetadata(query_lens=query_lens, context_lens=context_lens, block_tables=block_tables,
                              slot_mapping=slot_mapping, max_query_len=1, max_context_len=max_context_len,
-                             cu_query_lens=torch.arange(B + 1, dtype=torch.int32, device=q.device),
-                             is_decode=True)
+                             cu_query_lens=cu_query_lens, is_decode=True)
     return paged_attention(q, kv_layer, meta, scale, sliding_window).contiguous()
 
 
 @decode_attention.register_fake
-def _(q, k, v, kv_cache, layer, slot_mapping, block_tables, context_lens, scale, sliding_window,
-      max_context_len):
+def _(q, k, v, kv_cache, layer, slot_mapping, block_tables, context_lens, query_lens, cu_query_lens, scale,
+      sliding_window, max_context_len):
     return torch.empty_like(q)
 
 
@@ -338,12 +338,12 @@ def llama_traced_forward(model: nn.Module, input_ids: torch.Tensor, positions: t
 
 def llama_decode_forward(model: nn.Module, input_ids: torch.Tensor, positions: torch.Tensor,
                          kv_cache: torch.Tensor, slot_mapping: torch.Tensor, block_tables: torch.Tensor,
-                         context_lens: torch.Tensor, logits_indices: torch.Tensor,
-                         max_context_len: int) -> torch.Tensor:
+                         context_lens: torch.Tensor, query_lens: torch.Tensor, cu_query_lens: torch.Tensor,
+                         logits_indices: torch.Tensor, max_context_len: int) -> torch.Tensor:
     """`llama_traced_forward` for one token per row, the attention behind `decode_attention`."""
     def attend(i, q, k, v, attn):
-        return decode_attention(q, k, v, kv_cache, i, slot_mapping, block_tables, context_lens,
-                                attn.scale, attn.sliding_window, max_context_len)
+        return decode_attention(q, k, v, kv_cache, i, slot_mapping, block_tables, context_lens, query_lens,
+                                cu_query_lens, attn.scale, attn.sliding_window, max_context_len)
 
     return llama_traced_forward(model, input_ids, positions, logits_indices, attend)
 
@@ -374,21 +374,26 @@ def make_compiled_decode_forward(model: nn.Module, *, backend: str = "inductor")
     if not supports_compiled_decode(model):
         raise ValueError(f"compiled decode supports Llama-family models without dynamic rope, "
                          f"got {type(model).__name__}")
-    def step(input_ids, positions, kv_cache, slot_mapping, block_tables, context_lens, logits_indices,
-             max_context_len: int):
+    def step(input_ids, positions, kv_cache, slot_mapping, block_tables, context_lens, query_lens, cu_query_lens,
+             logits_indices, max_context_len: int):
         return llama_decode_forward(model, input_ids, positions, kv_cache, slot_mapping, block_tables,
-                                    context_lens, logits_indices, max_context_len)
+                                    context_lens, query_lens, cu_query_lens, logits_indices, max_context_len)
 
     compiled_step = compile_per_model(model, "_runtime_lib_compiled_decode", "decode_step", step, backend)
 
     @torch.no_grad()
     def forward(input_ids, positions, kv_cache, meta: AttentionMetadata, logits_indices):
         torch._dynamo.mark_dynamic(kv_cache, 2)  # num_blocks: any pool
-        if input_ids.shape[0] > 1:
-            for t in (input_ids, positions, meta.slot_mapping, meta.block_tables, meta.context_lens, logits_indices):
+        B = input_ids.shape[0]
+        cu = meta.cu_query_lens
+        if cu is None:
+            cu = torch.arange(B + 1, dtype=torch.int32, device=input_ids.device)
+        if B > 1:
+            for t in (input_ids, positions, meta.slot_mapping, meta.block_tables, meta.context_lens,
+                      meta.query_lens, cu, logits_indices):
                 torch._dynamo.mark_dynamic(t, 0)
         return compiled_step(input_ids, positions, kv_cache, meta.slot_mapping, meta.block_tables,
-                             meta.context_lens, logits_indices, meta.max_context_len)
+                             meta.context_lens, meta.query_lens, cu, logits_indices, meta.max_context_len)
 
     return forward
 

@@ -232,7 +232,8 @@ def test_decode_forward_written_for_dynamo_matches_the_model(make_checkpoint, fa
     meta = Session._metadata({**inputs, "kv_cache": kv})
     with torch.no_grad():
         got = llama_decode_forward(model, inputs["input_ids"], inputs["position_ids"], kv, meta.slot_mapping,
-                                   meta.block_tables, meta.context_lens, inputs["logits_indices"], 64)
+                                   meta.block_tables, meta.context_lens, torch.ones(3, dtype=torch.int32),
+                                   torch.arange(4, dtype=torch.int32), inputs["logits_indices"], 64)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(kv, eager_kv, rtol=1e-5, atol=1e-5)  # the custom op wrote K/V in place
     assert not torch.equal(kv, prefilled_cache(model))
@@ -250,6 +251,20 @@ def test_compiled_decode_in_the_runner_matches_eager_across_two_buckets(model):
         torch.testing.assert_close(runner_decode(runner, inputs), expected, rtol=1e-5, atol=1e-5)
     live = [b for b in range(NUM_BLOCKS) if b != SCRATCH]
     torch.testing.assert_close(runner_kv[:, :, live], eager_kv[:, :, live], rtol=1e-5, atol=1e-5)
+
+
+def test_compiled_decode_compiles_once_for_one_row_and_once_for_every_larger_bucket(model):
+    """Dynamo traces the step twice (one row; any larger batch, the row dimension dynamic), not
+    once per bucket: a recompile would stall serving for the length of a compile."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    forward = make_compiled_decode_forward(model, backend="aot_eager")
+    runner = make_runner(model, prefilled_cache(model), forward=forward)
+    for rows_idx in ([0, 1, 3], [2], [0, 1], [0, 1, 2, 3], [1, 2, 3]):      # buckets 4, 1, 2, 4, 4
+        runner_decode(runner, decode_inputs(rows_idx, [5] * len(rows_idx)))
+    assert counters["stats"]["unique_graphs"] == 2
 
 
 # ----------------------------------------------------------------------------- GPU
