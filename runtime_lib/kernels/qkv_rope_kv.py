@@ -215,9 +215,11 @@ def _launch(x, weight, norm_weight, eps, positions, cos_cache, sin_cache, kv_lay
     # weight's storage: only its shape, dtype and device are looked at).
     head_size = check_rope_kv_inputs(weight.as_strided((1, n), (n, 1)), positions, cos_cache, sin_cache,
                                      kv_layer, slot_mapping, num_heads, num_kv_heads, out)
-    q = torch.empty((1, num_heads, head_size), dtype=weight.dtype, device=x.device)
+    if attention is None and out is not None:
+        q = out
+    else:  # with attention, q is scratch and `out` takes the attention output
+        q = torch.empty((1, num_heads, head_size), dtype=weight.dtype, device=x.device)
     if attention is None:
-        q = out if out is not None else q
         attn_out, block_tables, context_lens, arrivals = q, slot_mapping, slot_mapping, slot_mapping  # unused
     else:
         block_tables, context_lens = attention.block_tables, attention.context_lens
