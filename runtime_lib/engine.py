@@ -409,9 +409,7 @@ class LLMEngine:
             self._sampling_cache = (list(seqs), st)
         steps = None
         if st.needs_steps:  # counts include placeholders: the tokens generated so far
-            steps_host = torch.tensor([s.num_output_tokens for s in seqs], dtype=torch.int64)
-            steps = (steps_host.pin_memory().to(self.device, non_blocking=True)
-                     if self.device.type == "cuda" else steps_host)
+            steps = torch.tensor([s.num_output_tokens for s in seqs], dtype=torch.int64)
         history = dict(prompt_ids=[s.prompt_token_ids for s in seqs],
                        output_ids=[s.output_token_ids for s in seqs]) if st.needs_history else {}
         return sample(logits, st, steps=steps, **history)

@@ -29,6 +29,16 @@ class StepRow:
     feed_index: int = -1
 
 
+def to_device(host: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """`host` on `device`. To CUDA from CPU it goes through pinned memory without blocking: a
+    copy from pageable memory waits for the work already queued on the stream (a step in
+    flight), which would stall a driver that prepares the next step meanwhile."""
+    device = torch.device(device)
+    if device.type != "cuda" or host.device.type != "cpu":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
+
+
 class HostCopy:
     """Device tensors on their way to the host. On CUDA the copies into pinned memory are
     queued when this is made, so a driver makes it before it queues the next step (a copy

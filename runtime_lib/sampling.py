@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from runtime_lib.config import SamplingConfig
+from runtime_lib.model_step import to_device
 from runtime_lib.sampling_ops import (
     TokenHistory,
     apply_bad_words,
@@ -227,14 +228,8 @@ class SamplingTensors:
         seeds = tuple(random_seed() if p.seed is None else p.seed for p in params)
 
         def t(values: list[Any], dtype: torch.dtype) -> torch.Tensor:
-            return to_device(torch.tensor(values, dtype=dtype))
-
-        def to_device(host: torch.Tensor) -> torch.Tensor:
-            # From pageable memory a copy waits for the stream's queued work (the step in
-            # flight): the engine would stall until the GPU drains, every time the batch changes.
-            if device.type != "cuda":
-                return host
-            return host.pin_memory().to(device, non_blocking=True)
+            # Built whenever the engine's batch changes: must not wait for the step in flight.
+            return to_device(torch.tensor(values, dtype=dtype), device)
 
         has_end = [p.end_id >= 0 for p in params]
         # Bad words: one triple per (row, word); the prefix must match the sequence's tail.
@@ -266,7 +261,7 @@ class SamplingTensors:
             seeds=t([to_int64_seed(s) for s in seeds], torch.int64),
             bad_rows=t([b for b, _, _ in triples], torch.int64),
             bad_last=t([tok for _, tok, _ in triples], torch.int64),
-            bad_prefix=to_device(torch.from_numpy(prefix)),
+            bad_prefix=to_device(torch.from_numpy(prefix), device),
             bad_prefix_len=t([len(pre) for _, _, pre in triples], torch.int64),
             all_greedy=all(greedy),
             greedy_rows=t([b for b in range(B) if greedy[b]], torch.int64) if some_greedy else None,
@@ -365,10 +360,7 @@ def sample(logits: torch.Tensor, st: SamplingTensors, *, prompt_ids: TokenIds | 
 def _steps(steps: Any, output_ids: Any, history: TokenHistory | None, B: int,
            device: torch.device) -> torch.Tensor:
     if steps is not None:
-        s = torch.as_tensor(steps, dtype=torch.int64)
-        # Pinned: from pageable memory the copy would wait for the queued forward.
-        s = s.pin_memory().to(device, non_blocking=True) if device.type == "cuda" and s.device.type == "cpu" \
-            else s.to(device)
+        s = to_device(torch.as_tensor(steps, dtype=torch.int64), device)
         if s.shape != (B,):
             raise ValueError(f"steps must have shape ({B},), got {tuple(s.shape)}")
         return s
@@ -379,7 +371,7 @@ def _steps(steps: Any, output_ids: Any, history: TokenHistory | None, B: int,
                          "samples or uses min_length/ignore_eos")
     if isinstance(output_ids, torch.Tensor):
         return (output_ids >= 0).sum(dim=1).to(device=device, dtype=torch.int64)
-    return torch.tensor([len(o) for o in output_ids], dtype=torch.int64, device=device)
+    return to_device(torch.tensor([len(o) for o in output_ids], dtype=torch.int64), device)
 
 
 def _sample_rows(x: torch.Tensor, st: SamplingTensors, temperature: torch.Tensor, top_k: torch.Tensor,

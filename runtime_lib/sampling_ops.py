@@ -12,6 +12,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from .model_step import to_device
+
 # splitmix64 constants, as signed int64 (torch has no uint64 arithmetic on every device).
 _GAMMA = 0x9E3779B97F4A7C15 - 2**64
 _MIX1 = 0xBF58476D1CE4E5B9 - 2**64
@@ -75,7 +77,7 @@ def _pad_rows(rows: Sequence[Sequence[int]], device: torch.device) -> torch.Tens
     arr = np.full((len(rows), width), -1, dtype=np.int64)
     for b, r in enumerate(rows):
         arr[b, :len(r)] = r
-    return torch.from_numpy(arr).to(device)
+    return to_device(torch.from_numpy(arr), device)
 
 
 @dataclass(frozen=True)
@@ -100,8 +102,8 @@ class TokenHistory:
         if not isinstance(prompt_ids, torch.Tensor) and not isinstance(output_ids, torch.Tensor):
             rows = [list(p) + list(o) for p, o in zip(prompt_ids, output_ids)]
             return cls(_pad_rows(rows, device),
-                       torch.tensor([len(r) for r in rows], dtype=torch.int64, device=device),
-                       torch.tensor([len(p) for p in prompt_ids], dtype=torch.int64, device=device))
+                       to_device(torch.tensor([len(r) for r in rows], dtype=torch.int64), device),
+                       to_device(torch.tensor([len(p) for p in prompt_ids], dtype=torch.int64), device))
         p, o = (ids.to(device, torch.int64) if isinstance(ids, torch.Tensor) else _pad_rows(ids, device)
                 for ids in (prompt_ids, output_ids))
         p_len = (p >= 0).sum(dim=1)  # (B,)
