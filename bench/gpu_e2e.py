@@ -491,16 +491,17 @@ def step_phases(steps: list[tuple[float, int, int]], t0: float) -> dict:
     out = {"to_first_launch_s": steps[0][0] - t0 if steps else 0.0}
     for kind in ("mixed", "decode"):
         out[kind] = {"steps": 0, "s": 0.0, "tokens": 0}
+    decode_ms = []
     for (t, tokens, rows), (t_next, _, _) in itertools.pairwise(steps):
         kind = out["mixed" if tokens > rows else "decode"]
         kind["steps"] += 1
         kind["s"] += t_next - t
         kind["tokens"] += tokens
+        if tokens == rows:
+            decode_ms.append(1e3 * (t_next - t))
     d = out["decode"]
     d["ms_per_step"] = 1e3 * d["s"] / max(d["steps"], 1)
     d["rows_per_step"] = d["tokens"] / max(d["steps"], 1)
-    decode_ms = [1e3 * (t_next - t) for (t, tokens, rows), (t_next, _, _) in itertools.pairwise(steps)
-                 if tokens == rows]
     d["step_ms_pcts"] = {q: pct(decode_ms, q) for q in (10, 50, 90, 100)} if decode_ms else {}
     out["steps"] = [(round(1e3 * (t - t0), 2), tokens, rows) for t, tokens, rows in steps]  # launch ms, tokens, rows
     return out
