@@ -45,8 +45,8 @@ def device_parallelism(device: torch.device) -> int:
 
 
 def check_paged_inputs(q: torch.Tensor, kv_layer: torch.Tensor, block_tables: torch.Tensor,
-                       context_lens: torch.Tensor) -> None:
-    """Shape/dtype checks shared by the decode and varlen entry points (host-only, no sync)."""
+                       context_lens: torch.Tensor, sliding_window: int | None = None) -> None:
+    """Shape/dtype checks shared by the attention entry points (host-only, no sync)."""
     if kv_layer.dim() != 5 or kv_layer.shape[0] != 2:
         raise ValueError(f"kv_layer must be (2, num_blocks, block_size, num_kv_heads, head_size), "
                          f"got shape {tuple(kv_layer.shape)}")
@@ -66,6 +66,8 @@ def check_paged_inputs(q: torch.Tensor, kv_layer: torch.Tensor, block_tables: to
     if block_tables.dim() != 2 or context_lens.dim() != 1 or block_tables.shape[0] != context_lens.shape[0]:
         raise ValueError(f"block_tables must be (B, max_blocks) and context_lens (B,), got "
                          f"{tuple(block_tables.shape)} and {tuple(context_lens.shape)}")
+    if sliding_window is not None and sliding_window <= 0:
+        raise ValueError(f"sliding_window must be a positive int or None, got {sliding_window}")
 
 
 def interpreter_dot_upcast(dtype: torch.dtype) -> bool:
@@ -293,12 +295,10 @@ def paged_decode_attention(q: torch.Tensor, kv_layer: torch.Tensor, block_tables
     two >= 16. pdl: launch with programmatic dependent launch (kernels/pdl.py).
     Returns (B, h, d) in q's dtype, accumulated in fp32.
     """
-    check_paged_inputs(q, kv_layer, block_tables, context_lens)
+    check_paged_inputs(q, kv_layer, block_tables, context_lens, sliding_window)
     if q.shape[0] != context_lens.shape[0]:
         raise ValueError(f"decode q must have one token per sequence: q.shape[0]={q.shape[0]}, "
                          f"context_lens.shape[0]={context_lens.shape[0]}")
-    if sliding_window is not None and sliding_window <= 0:
-        raise ValueError(f"sliding_window must be a positive int or None, got {sliding_window}")
     if partition_size is not None and (partition_size < 16 or partition_size & (partition_size - 1)):
         raise ValueError(f"partition_size must be a power of two >= 16, got {partition_size}")
     if out is None:

@@ -223,11 +223,9 @@ def _launch(x, weight, norm_weight, eps, positions, cos_cache, sin_cache, kv_lay
         attn_out, block_tables, context_lens, arrivals = q, slot_mapping, slot_mapping, slot_mapping  # unused
     else:
         block_tables, context_lens = attention.block_tables, attention.context_lens
-        check_paged_inputs(q, kv_layer, block_tables, context_lens)
+        check_paged_inputs(q, kv_layer, block_tables, context_lens, attention.sliding_window)
         if context_lens.shape != (1,):
             raise ValueError(f"attention.context_lens must be (1,): one row, got {tuple(context_lens.shape)}")
-        if attention.sliding_window is not None and attention.sliding_window <= 0:
-            raise ValueError(f"sliding_window must be a positive int or None, got {attention.sliding_window}")
         attn_out = out if out is not None else torch.empty_like(q)
         arrivals = arrival_counters(x.device, num_kv_heads)
     tuning = tuning or rope_tuning(n, k, head_size, x.device)

@@ -191,12 +191,10 @@ def paged_varlen_attention(q: torch.Tensor, kv_layer: torch.Tensor, block_tables
     to the split-K decode kernel (a second launch; max_context_len bounds its partitions)
     instead of a mostly idle BLOCK_M-row tile here. Returns (T, h, d) in q's dtype, fp32 accumulation.
     """
-    check_paged_inputs(q, kv_layer, block_tables, context_lens)
+    check_paged_inputs(q, kv_layer, block_tables, context_lens, sliding_window)
     if cu_query_lens.dtype != torch.int32 or cu_query_lens.shape != (context_lens.shape[0] + 1,):
         raise ValueError(f"cu_query_lens must be int32 of shape (B+1,)=({context_lens.shape[0] + 1},), "
                          f"got {cu_query_lens.dtype} {tuple(cu_query_lens.shape)}")
-    if sliding_window is not None and sliding_window <= 0:
-        raise ValueError(f"sliding_window must be a positive int or None, got {sliding_window}")
     num_tokens, num_heads, head_size = q.shape
     if head_size < 16 or head_size & (head_size - 1):
         raise ValueError(f"head_size must be a power of two >= 16 for the varlen kernel, got {head_size}")
