@@ -155,8 +155,7 @@ class DecodeGraphRunner:
         self.max_seq_len = max_seq_len
         self.max_blocks_per_seq = math.ceil(max_seq_len / self.block_size)
         self.buckets = graph_batch_sizes(max_batch_size)
-        short_rows, short_len = short_context or (0, max_seq_len)
-        self.short_context = (short_rows, short_len) if short_len < max_seq_len else None
+        self.short_context = short_context if short_context and short_context[1] < max_seq_len else None
         self.use_cuda_graph = self.device.type == "cuda" if use_cuda_graph is None else use_cuda_graph
         if self.use_cuda_graph and self.device.type != "cuda":
             raise ValueError(f"use_cuda_graph=True needs a CUDA kv_cache, got device {self.device}")
