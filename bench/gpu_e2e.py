@@ -17,7 +17,8 @@ map, so both run identical weights. Sections, per model:
   correctness  greedy tokens: our GPU path vs HF (bf16 mismatch rate), graphs vs eager, and
                (once) our GPU fp32 path vs our CPU fp32 path on the tiny demo checkpoint.
   offline      output tok/s for ISL/OSL 128/128 at several batch sizes through ModelRunner.generate
-               and LLMEngine (all requests at once), vs HF generate at its batch (--long: 1000/1000).
+               and LLMEngine (all requests at once; --waves W: W x batch requests through an engine of
+               batch rows), vs HF generate at its batch (--long: 1000/1000).
   latency      TTFT / ITL percentiles at 1, 8, 32, 128 concurrent streams through LLMEngine.
   prefill      prefill / mixed steps eager vs token-bucket CUDA graphs (vs compiled): TTFT of one
                request per prompt length, TTFT / ITL at --concurrency, staggered arrivals.
@@ -476,12 +477,13 @@ def small_model_cpu_vs_gpu(res: dict) -> None:
 
 
 def make_engine(session: Session, max_num_seqs: int, tokens_per_seq: int, compile_: bool,
-                fused: bool = False) -> LLMEngine:
+                fused: bool = False, kv_cache_dtype: str = "auto") -> LLMEngine:
     """An engine whose KV pool holds `max_num_seqs` sequences of `tokens_per_seq` (no preemption)."""
     blocks = max_num_seqs * (math.ceil(tokens_per_seq / 16) + 1)
     return LLMEngine(EngineConfig(model_dir="<in-memory>", max_num_seqs=max_num_seqs, max_num_batched_tokens=8192,
-                                  block_size=16, num_kv_blocks=blocks, max_seq_len=MAX_SEQ_LEN, max_queue_size=4096,
-                                  compile_decode=compile_, fused_decode=fused), session=session)
+                                  block_size=16, num_kv_blocks=blocks, max_seq_len=MAX_SEQ_LEN, max_queue_size=8192,
+                                  compile_decode=compile_, fused_decode=fused, kv_cache_dtype=kv_cache_dtype),
+                     session=session)
 
 
 def step_phases(steps: list[tuple[float, int, int]], t0: float) -> dict:
@@ -580,13 +582,15 @@ def run_engine(session: Session, prompts: list[torch.Tensor], osl: int, engine: 
 def section_offline(name: str, hf, session: Session, mc: ModelConfig, res: dict, args) -> None:
     out: dict[str, Any] = {"runner": {}, "engine": {}, "hf": {}, "compiled": bool(args.compile)}
     res["offline"] = out
-    configs = [(128, 128, b) for b in args.batches] + ([(1000, 1000, args.long_batch)] if args.long else [])
-    for isl, osl, batch in configs:
-        prompts = random_prompts(batch, isl, mc.vocab_size, seed=3)
+    configs = ([(128, 128, b, w, kv) for b in args.batches for w in args.waves for kv in args.kv_cache_dtypes]
+               + [(1000, 1000, args.long_batch, 1, kv) for kv in args.kv_cache_dtypes if args.long])
+    for isl, osl, batch, waves, kv_dtype in configs:
+        prompts = random_prompts(batch * waves, isl, mc.vocab_size, seed=3)
         while True:
-            key = f"{isl}/{osl} bs{batch}"
+            key = (f"{isl}/{osl} bs{batch}" + (f" x{waves} requests" if waves > 1 else "")
+                   + (f" {kv_dtype} KV" if kv_dtype != "auto" else ""))
             try:
-                offline_one(name, session, prompts, isl, osl, batch, key, out, args, mc.vocab_size)
+                offline_one(name, session, prompts, isl, osl, batch, key, out, args, mc.vocab_size, kv_dtype)
                 break
             except torch.OutOfMemoryError as e:
                 out["runner"].setdefault(key, {"error": f"OOM: {str(e)[:150]}"})
@@ -623,9 +627,10 @@ def offline_runner(name: str, session: Session, prompts: list[torch.Tensor], osl
 
 
 def offline_one(name: str, session: Session, prompts: list[torch.Tensor], isl: int, osl: int, batch: int,
-                key: str, out: dict, args, vocab: int) -> None:
+                key: str, out: dict, args, vocab: int, kv_cache_dtype: str = "auto") -> None:
     try:
-        if not args.engine_only:
+        # ModelRunner: a static batch (one wave), its cache in the model's dtype.
+        if not args.engine_only and len(prompts) == batch and kv_cache_dtype == "auto":
             offline_runner(name, session, prompts, osl, batch, key, out, args)
     except torch.OutOfMemoryError as e:
         # ModelRunner prefills the whole batch in one pass (1000-token prompts x 128+ rows
@@ -637,7 +642,7 @@ def offline_one(name: str, session: Session, prompts: list[torch.Tensor], isl: i
         log(f"{name} offline runner {key}: {e}; engine only")
     session.compile_decode_graphs = False
     free_cuda()
-    engine = make_engine(session, batch, isl + osl, args.compile, args.fused)
+    engine = make_engine(session, batch, isl + osl, args.compile, args.fused, kv_cache_dtype)
     try:
         run_engine(session, random_prompts(batch, isl, vocab, seed=1003), 3, engine)  # warm-up
         window = None
@@ -971,6 +976,12 @@ def main() -> int:
     ap.add_argument("--long", action="store_true", help="also ISL/OSL 1000/1000 (ours)")
     ap.add_argument("--long-batch", type=int, default=128)
     ap.add_argument("--batches", default="64,128,256")
+    ap.add_argument("--waves", default="1", metavar="W[,W...]",
+                    help="offline 128/128: submit W x batch requests at once to an engine of max_num_seqs=batch "
+                         "(steady-state in-flight batching, as trtllm-bench and vLLM's benchmark_throughput "
+                         "measure); 1 = one static batch")
+    ap.add_argument("--kv-cache-dtypes", default="auto", metavar="D[,D...]",
+                    help="offline: the engine's KV cache dtypes to measure (auto = the model's, fp8)")
     ap.add_argument("--hf-batches", default="256")
     ap.add_argument("--hf-osl", type=int, default=128)
     ap.add_argument("--bs1-tokens", type=int, default=128)
@@ -986,6 +997,8 @@ def main() -> int:
     global DEVICE
     DEVICE = args.device
     args.batches = [int(x) for x in args.batches.split(",") if x]
+    args.waves = [int(x) for x in args.waves.split(",") if x]
+    args.kv_cache_dtypes = [x for x in args.kv_cache_dtypes.split(",") if x]
     args.hf_batches = [int(x) for x in args.hf_batches.split(",") if x]
     args.concurrency = [int(x) for x in args.concurrency.split(",") if x]
     args.prefill_modes = [x for x in args.prefill_modes.split(",") if x]

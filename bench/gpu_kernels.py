@@ -91,6 +91,7 @@ class Report:
     sweep: list[dict] = field(default_factory=list)
     graph_bound: list[dict] = field(default_factory=list)
     gemm: list[dict] = field(default_factory=list)
+    fp8: list[dict] = field(default_factory=list)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -480,6 +481,31 @@ def run_offline_shapes(report: Report) -> None:
               f"({32 * total_us / m:.1f} us per row)")
 
 
+def run_fp8_shapes(report: Report) -> None:
+    """The decode kernel over an FP8 (e4m3) cache against bf16 at the offline benchmarks' shapes:
+    time and KV GB/s of each, then a launch-knob sweep for FP8 (tile, warps, stages, and whether
+    the tile products run in fp16 or in q's bf16)."""
+    from runtime_lib.config import FP8_KV_DTYPE
+    from runtime_lib.kernels.paged_attention import DecodeTuning
+
+    shapes = []
+    for B, ctx in ((192, 1536), (512, 192), (64, 4096), (8, 8192)):
+        b = make_paged_batch([1] * B, [ctx] * B)
+        b8 = PagedBatch(b.q, b.kv.to(FP8_KV_DTYPE), b.meta, b.scale)
+        for label, batch in (("bf16", b), ("fp8", b8)):
+            kv_bytes = 2 * batch.meta.context_lens.sum().item() * NUM_KV_HEADS * HEAD_SIZE * batch.kv.element_size()
+            us = graph_us(functools.partial(_decode_launch, batch, torch.empty_like(batch.q), DecodeTuning()))
+            report.fp8.append({"shape": f"B{B}/{ctx}", "kv": label, "us": us, "kv_gbps": kv_bytes / us / 1e3})
+            print(f"  decode B{B}/{ctx} {label} KV: {us:8.1f} us, {kv_bytes / us / 1e3:5.0f} GB/s "
+                  f"({100 * kv_bytes / us / 1e3 / report.copy_gbps:.1f}% copy)")
+        shapes.append((f"B{B}/{ctx}", b8))
+    configs = [DecodeTuning(bn, 2048, w, st, f16) for bn in (64, 128, 256) for w in (2, 4, 8) for st in (2, 3, 4)
+               for f16 in (True, False)]
+    _sweep(report, "decode-fp8", shapes, configs, graph_us, _decode_launch)
+    del shapes
+    torch.cuda.empty_cache()
+
+
 # ----------------------------------------------------------------------------- output
 
 def markdown(report: Report) -> str:
@@ -512,6 +538,11 @@ def markdown(report: Report) -> str:
                   "| batch | context | adaptive slices | fixed slices (size) | fixed / adaptive |", "|---|---|---|---|---|"]
         lines += [f"| {r['batch']} | {r['context']} | {r['adaptive_us']:.1f} | {r['fixed_us']:.1f} ({r['fixed_partition']}) "
                   f"| {r['fixed_us'] / r['adaptive_us']:.2f}x |" for r in report.graph_bound]
+    if report.fp8:
+        lines += ["", "## Decode over a bf16 vs an FP8 (e4m3) cache, default launch — graph replay", "",
+                  "| shape | KV | µs | KV GB/s | % of copy |", "|---|---|---|---|---|"]
+        lines += [f"| {r['shape']} | {r['kv']} | {r['us']:.1f} | {r['kv_gbps']:.0f} | "
+                  f"{100 * r['kv_gbps'] / report.copy_gbps:.1f}% |" for r in report.fp8]
     if report.sweep:
         lines += ["", "## Launch sweeps: top configs by geometric-mean slowdown vs each shape's best", ""]
         for s in report.sweep:
@@ -526,7 +557,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer shapes")
     parser.add_argument("--sections", default="checks,decode,prefill",
-                        help="comma list of checks,decode,prefill,sweep,graphbound,offline (sweep: launch-parameter "
+                        help="comma list of checks,decode,prefill,sweep,graphbound,offline,fp8 (sweep: launch-parameter "
                              "search; graphbound: decode in a graph captured for 128k tokens; offline: decode "
                              "knobs and cuBLAS GEMMs at the offline benchmarks' batches)")
     args = parser.parse_args()
@@ -559,6 +590,8 @@ def main() -> int:
         run_graph_bound_bench(report)
     if "offline" in sections:
         run_offline_shapes(report)
+    if "fp8" in sections:
+        run_fp8_shapes(report)
 
     tag = "" if sections == {"checks", "decode", "prefill"} else "-" + "-".join(sorted(sections))
     stem = results_stem("gpu_kernels", report.device, report.date, tag)

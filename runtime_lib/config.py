@@ -28,6 +28,28 @@ def str_dtype_to_torch(dtype: str | torch.dtype) -> torch.dtype:
         raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}") from None
 
 
+# KV cache element types: the model's own ("auto") or 8-bit float. FP8 is e4m3 stored with a
+# scale of 1 (values saturate at +-448), as vLLM's kv_cache_dtype="fp8" does without calibration:
+# half the bytes of a bf16 cache for decode attention to read, twice the sequences in the pool.
+KV_CACHE_DTYPES = ("auto", "fp8")
+FP8_KV_DTYPE = torch.float8_e4m3fn
+FP8_KV_MAX = 448.0
+
+
+def kv_cache_torch_dtype(kv_cache_dtype: str | torch.dtype | None, model_dtype: torch.dtype) -> torch.dtype:
+    """The KV pool's torch dtype: None / "auto" -> `model_dtype`, "fp8" -> float8_e4m3fn, or any
+    model dtype ('bf16', torch.float16, ...)."""
+    if kv_cache_dtype is None or kv_cache_dtype == "auto":
+        return model_dtype
+    if kv_cache_dtype in ("fp8", "float8_e4m3fn", FP8_KV_DTYPE):
+        return FP8_KV_DTYPE
+    try:
+        return str_dtype_to_torch(kv_cache_dtype)
+    except ValueError:
+        raise ValueError(f"kv_cache_dtype must be one of {list(KV_CACHE_DTYPES)} or a model dtype "
+                         f"({sorted(_DTYPES)}), got {kv_cache_dtype!r}") from None
+
+
 def torch_dtype_to_str(dtype: torch.dtype) -> str:
     return {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}[dtype]
 
@@ -290,5 +312,5 @@ def _as_list(v: Any) -> list[Any]:
     return list(v) if isinstance(v, (list, tuple)) else [v]
 
 
-__all__ = ["ModelConfig", "SamplingConfig", "str_dtype_to_torch", "torch_dtype_to_str",
+__all__ = ["ModelConfig", "SamplingConfig", "str_dtype_to_torch", "torch_dtype_to_str", "kv_cache_torch_dtype",
            "SUPPORTED_ARCHITECTURES"]

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from .beam_group import BeamGroup
-from .config import SamplingConfig
+from .config import SamplingConfig, kv_cache_torch_dtype
 from .engine_io import EngineBusyError, EngineConfig, EngineStats, RequestOutput, RequestStream
 from .kv_cache import BlocksManager
 from .model_step import HostCopy, StepRow, apply_block_copies, build_step_inputs
@@ -100,7 +100,7 @@ class LLMEngine:
         self.tokenizer = _try_load_tokenizer(config.model_dir)
         num_blocks = config.num_kv_blocks or self._default_num_blocks()
         # One block more than the manager hands out: CUDA-graph padding rows write there.
-        self.kv_cache = self.session.allocate_kv_cache(num_blocks + 1, config.block_size)
+        self.kv_cache = self.session.allocate_kv_cache(num_blocks + 1, config.block_size, config.kv_cache_dtype)
         self.blocks = BlocksManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self._graph_runner = self.session.enable_cuda_graphs(
             self.kv_cache, max_batch_size=config.max_num_seqs, max_seq_len=self.max_seq_len,
@@ -238,8 +238,9 @@ class LLMEngine:
     # ------------------------------------------------------------- helpers
     def _default_num_blocks(self) -> int:
         mc, cfg = self.model_config, self.config
+        kv_dtype = kv_cache_torch_dtype(cfg.kv_cache_dtype, mc.torch_dtype)
         bytes_per_block = (2 * mc.num_layers * cfg.block_size * mc.num_kv_heads * mc.head_size
-                           * torch.finfo(mc.torch_dtype).bits // 8)
+                           * torch.finfo(kv_dtype).bits // 8)
         if self.device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(self.device)
             return max(1, int(free * cfg.kv_cache_memory_fraction) // bytes_per_block - 1)

@@ -6,6 +6,8 @@ import queue
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from .config import KV_CACHE_DTYPES
+
 
 class EngineBusyError(RuntimeError):
     """The waiting queue is full: the server is busy, retry later."""
@@ -21,6 +23,7 @@ class EngineConfig:
     block_size: int = 16
     num_kv_blocks: int | None = None          # None: sized from kv_cache_memory_fraction
     kv_cache_memory_fraction: float = 0.9     # of free GPU memory (CPU: of max_num_seqs x max_seq_len)
+    kv_cache_dtype: str = "auto"              # "auto": the model's dtype; "fp8": e4m3, scale 1 (half the bytes)
     enable_prefix_caching: bool = True
     max_queue_size: int = 1024
     max_seq_len: int | None = None            # None: the model's limit
@@ -42,6 +45,8 @@ class EngineConfig:
             raise ValueError(f"num_kv_blocks must be >= 1 or None, got {self.num_kv_blocks}")
         if not 0.0 < self.kv_cache_memory_fraction <= 1.0:
             raise ValueError(f"kv_cache_memory_fraction must be in (0, 1], got {self.kv_cache_memory_fraction}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {list(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}")
         if self.scheduling_policy not in ("fcfs", "priority"):
             raise ValueError(f"scheduling_policy must be 'fcfs' or 'priority', got {self.scheduling_policy!r}")
 

@@ -9,17 +9,17 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from runtime_lib.kernels.paged_attention import paged_decode_attention
+from runtime_lib.kernels.paged_attention import KV_DTYPES, SUPPORTED_DTYPES, paged_decode_attention
 from runtime_lib.kernels.varlen_attention import paged_varlen_attention
 from runtime_lib.layers.attention import AttentionMetadata, paged_attention_torch
 
 
 def kernels_support(q: torch.Tensor, kv_layer: torch.Tensor) -> bool:
-    """The kernels cover power-of-two head sizes 16..256 and fp16/bf16/fp32 tensors."""
+    """The kernels cover power-of-two head sizes 16..256, fp16/bf16/fp32 queries and those or
+    FP8 caches."""
     head_size = q.shape[-1]
     return (16 <= head_size <= 256 and head_size & (head_size - 1) == 0
-            and q.dtype in (torch.float16, torch.bfloat16, torch.float32)
-            and kv_layer.dtype in (torch.float16, torch.bfloat16, torch.float32))
+            and q.dtype in SUPPORTED_DTYPES and kv_layer.dtype in KV_DTYPES)
 
 
 def paged_attention_triton(q: torch.Tensor, kv_layer: torch.Tensor, meta: AttentionMetadata,

@@ -26,10 +26,12 @@ import torch
 import triton
 import triton.language as tl
 
+from ..config import FP8_KV_DTYPE
 from .pdl import wait_for_previous
 
 LOG2E = 1.4426950408889634
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+KV_DTYPES = SUPPORTED_DTYPES + (FP8_KV_DTYPE,)  # K/V tiles are cast to q's dtype after the load
 
 
 @functools.cache
@@ -55,8 +57,9 @@ def check_paged_inputs(q: torch.Tensor, kv_layer: torch.Tensor, block_tables: to
         raise ValueError(f"q must be (tokens, num_heads, head_size={head_size}), got shape {tuple(q.shape)}")
     if q.shape[1] % num_kv_heads != 0:
         raise ValueError(f"num_heads={q.shape[1]} must be a multiple of num_kv_heads={num_kv_heads}")
-    if q.dtype not in SUPPORTED_DTYPES or kv_layer.dtype not in SUPPORTED_DTYPES:
-        raise ValueError(f"q/kv dtype must be one of {SUPPORTED_DTYPES}, got {q.dtype}/{kv_layer.dtype}")
+    if q.dtype not in SUPPORTED_DTYPES or kv_layer.dtype not in KV_DTYPES:
+        raise ValueError(f"q dtype must be one of {SUPPORTED_DTYPES} and kv dtype one of {KV_DTYPES}, "
+                         f"got {q.dtype}/{kv_layer.dtype}")
     if block_size & (block_size - 1):
         raise ValueError(f"block_size must be a power of two, got {block_size}")
     if q.stride(2) != 1 or kv_layer.stride(4) != 1:
@@ -138,7 +141,7 @@ def _decode_partition_kernel(
     HEAD_SIZE: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
     USE_PARTITIONS: tl.constexpr, HAS_WINDOW: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    DOT_UPCAST: tl.constexpr, MIXED: tl.constexpr, USE_PDL: tl.constexpr,
+    DOT_UPCAST: tl.constexpr, DOT_FP16: tl.constexpr, MIXED: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     wait_for_previous(USE_PDL)  # q, the cache and the arrival counters come from earlier kernels
     seq = tl.program_id(0)
@@ -181,6 +184,10 @@ def _decode_partition_kernel(
 
     q = tl.load(q_ptr + q_row * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
                 mask=g_mask[:, None] & d_mask[None, :], other=0.0)             # (BLOCK_G, BLOCK_D)
+    if DOT_FP16:
+        # FP8 cache, bf16 q: e4m3 -> fp16 is one instruction per pair (-> bf16 takes three), and
+        # fp16 holds every e4m3 value and q's usual range with more mantissa; saturate q at 65504.
+        q = tl.minimum(tl.maximum(q.to(tl.float32), -65504.0), 65504.0).to(tl.float16)
 
     m_i, l_i, acc = attend_range(q, k_ptr + kv_head * stride_khead, v_ptr + kv_head * stride_khead,
                                  block_tables_ptr + seq * stride_bt, lo, hi, stride_kblk, stride_kslot,
@@ -256,6 +263,7 @@ class DecodeTuning:
     max_partition_size: int = 2048      # split-K slice upper bound (tokens)
     num_warps: int = 2
     num_stages: int = 3
+    fp8_dot_fp16: bool = True           # FP8 cache with bf16 q: tile products in fp16 (see the kernel)
 
 
 DEFAULT_DECODE_TUNING = DecodeTuning()
@@ -366,6 +374,7 @@ def launch_decode(q: torch.Tensor, kv_layer: torch.Tensor, block_tables: torch.T
         BLOCK_SIZE=block_size, BLOCK_N=block_n,
         USE_PARTITIONS=use_partitions, HAS_WINDOW=sliding_window is not None,
         INPUT_PRECISION="ieee" if fp32 else "tf32", DOT_UPCAST=interpreter_dot_upcast(q.dtype),
+        DOT_FP16=tuning.fp8_dot_fp16 and kv_layer.dtype == FP8_KV_DTYPE and q.dtype == torch.bfloat16,
         MIXED=mixed, USE_PDL=pdl, num_warps=tuning.num_warps, num_stages=tuning.num_stages, launch_pdl=pdl,
     )
     return out

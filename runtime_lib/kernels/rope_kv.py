@@ -26,6 +26,7 @@ import triton.language as tl
 
 from ..layers.attention import write_kv
 from ..layers.rotary import apply_rotary
+from .paged_attention import KV_DTYPES
 from .pdl import wait_for_previous
 from .rounding import round_to
 
@@ -109,8 +110,8 @@ def check_rope_kv_inputs(qkv: torch.Tensor, positions: torch.Tensor, cos_cache: 
         raise ValueError(f"qkv must be (tokens, (num_heads + 2*num_kv_heads) * head_size = {width}), "
                          f"got shape {tuple(qkv.shape)}")
     T = qkv.shape[0]
-    if qkv.dtype not in SUPPORTED_DTYPES or kv_layer.dtype not in SUPPORTED_DTYPES:
-        raise ValueError(f"qkv/kv_layer dtype must be one of {SUPPORTED_DTYPES}, "
+    if qkv.dtype not in SUPPORTED_DTYPES or kv_layer.dtype not in KV_DTYPES:
+        raise ValueError(f"qkv dtype must be one of {SUPPORTED_DTYPES} and kv_layer dtype one of {KV_DTYPES}, "
                          f"got {qkv.dtype}/{kv_layer.dtype}")
     if qkv.stride(1) != 1 or kv_layer.stride(4) != 1:
         raise ValueError(f"qkv and kv_layer must be contiguous in the last dim (stride 1), "

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..config import FP8_KV_DTYPE, FP8_KV_MAX
+
 
 @dataclass
 class AttentionMetadata:
@@ -59,9 +61,15 @@ class AttentionMetadata:
 def write_kv(kv_layer: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
     """Scatter this step's keys/values into the paged cache of one layer.
 
-    kv_layer: (2, num_blocks, block_size, kvh, d); k, v: (T, kvh, d)."""
+    kv_layer: (2, num_blocks, block_size, kvh, d); k, v: (T, kvh, d). An FP8 cache saturates
+    at +-448 (a plain cast would turn larger values into NaN) and is written through uint8
+    views (index_copy_ has no float8 kernel on CPU)."""
     _, num_blocks, block_size, kvh, d = kv_layer.shape
     flat = kv_layer.view(2, num_blocks * block_size, kvh, d)
+    if flat.dtype == FP8_KV_DTYPE:
+        k = k.clamp(-FP8_KV_MAX, FP8_KV_MAX).to(flat.dtype).view(torch.uint8)
+        v = v.clamp(-FP8_KV_MAX, FP8_KV_MAX).to(flat.dtype).view(torch.uint8)
+        flat = flat.view(torch.uint8)
     flat[0].index_copy_(0, slot_mapping, k.to(flat.dtype))
     flat[1].index_copy_(0, slot_mapping, v.to(flat.dtype))
 

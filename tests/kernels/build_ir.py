@@ -45,24 +45,31 @@ def build(fn, constexprs: dict, pointers: dict[str, str], *, default_ptr: str = 
 
 
 def cases():
-    from runtime_lib.kernels import paged_attention, qkv_rope_kv
+    from runtime_lib.kernels import paged_attention, qkv_rope_kv, rope_kv
 
     int_ptrs = {"positions_ptr": "*i64", "slot_ptr": "*i64", "block_table_ptr": "*i32", "context_lens_ptr": "*i32",
                 "arrivals_ptr": "*i32", "cos_ptr": "*fp32", "sin_ptr": "*fp32"}
+    fp8_cache = {"k_cache_ptr": "*fp8e4nv", "v_cache_ptr": "*fp8e4nv"}
     for attend in (False, True):
         for window in (False, True):
-            yield (f"qkv_rope_kv attend={attend} window={window}", qkv_rope_kv._qkv_rope_kv_kernel,
-                   dict(HAS_BIAS=False, HEAD_SIZE=64, BLOCK_SIZE=16, BLOCK_N=8, BLOCK_K=1024, DOT_UPCAST=False,
-                        RNE=False, USE_PDL=True, PREFETCH_COLS=16, ATTEND=attend, GROUP=4, BLOCK_G=16,
-                        ATTN_BLOCK_N=128, HAS_WINDOW=window, INPUT_PRECISION="tf32"), int_ptrs)
+            for cache, ptrs in (("bf16", {}), ("fp8", fp8_cache)):
+                yield (f"qkv_rope_kv attend={attend} window={window} cache={cache}", qkv_rope_kv._qkv_rope_kv_kernel,
+                       dict(HAS_BIAS=False, HEAD_SIZE=64, BLOCK_SIZE=16, BLOCK_N=8, BLOCK_K=1024, DOT_UPCAST=False,
+                            RNE=False, USE_PDL=True, PREFETCH_COLS=16, ATTEND=attend, GROUP=4, BLOCK_G=16,
+                            ATTN_BLOCK_N=128, HAS_WINDOW=window, INPUT_PRECISION="tf32"), {**int_ptrs, **ptrs})
+    yield ("rope_kv cache=fp8", rope_kv._rope_kv_kernel, dict(BLOCK_SIZE=16, HEAD_SIZE=128, USE_PDL=True),
+           {**int_ptrs, **fp8_cache})
     attn_ptrs = {"part_acc_ptr": "*fp32", "part_m_ptr": "*fp32", "part_l_ptr": "*fp32", "arrivals_ptr": "*i32",
                  "block_tables_ptr": "*i32", "context_lens_ptr": "*i32", "cu_q_ptr": "*i32"}
+    fp8_kv = {"k_ptr": "*fp8e4nv", "v_ptr": "*fp8e4nv"}
     for parts in (False, True):
         for mixed in (False, True):
-            yield (f"decode partitions={parts} mixed={mixed}", paged_attention._decode_partition_kernel,
-                   dict(GROUP=4, BLOCK_G=16, HEAD_SIZE=128, BLOCK_D=128, BLOCK_SIZE=16, BLOCK_N=64,
-                        USE_PARTITIONS=parts, HAS_WINDOW=True, INPUT_PRECISION="tf32", DOT_UPCAST=False,
-                        MIXED=mixed, USE_PDL=True), attn_ptrs)
+            for cache, ptrs, fp16 in (("bf16", {}, False), ("fp8", fp8_kv, False), ("fp8", fp8_kv, True)):
+                yield (f"decode partitions={parts} mixed={mixed} cache={cache} dot_fp16={fp16}",
+                       paged_attention._decode_partition_kernel,
+                       dict(GROUP=4, BLOCK_G=16, HEAD_SIZE=128, BLOCK_D=128, BLOCK_SIZE=16, BLOCK_N=64,
+                            USE_PARTITIONS=parts, HAS_WINDOW=True, INPUT_PRECISION="tf32", DOT_UPCAST=False,
+                            DOT_FP16=fp16, MIXED=mixed, USE_PDL=True), {**attn_ptrs, **ptrs})
 
 
 def main() -> int:

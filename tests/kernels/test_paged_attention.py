@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
+from runtime_lib.config import FP8_KV_DTYPE
 from runtime_lib.layers.attention import AttentionMetadata, paged_attention_torch
 
 TOL = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
@@ -232,6 +233,34 @@ class TestVarlen:
         with pytest.raises(ValueError, match=r"cu_query_lens must be int32 of shape \(B\+1,\)=\(3,\)"):
             kernels.varlen(case.q, case.kv_poisoned, m.block_tables, m.context_lens, m.cu_query_lens[:2],
                            m.max_query_len, case.scale)
+
+
+class TestFp8Cache:
+    """An FP8 (e4m3) cache: the kernels cast each K/V tile to q's dtype after the load, so they
+    equal the torch path over the same FP8 values (NaN outside the contexts stays NaN in FP8)."""
+
+    @staticmethod
+    def fp8(case: PagedCase) -> PagedCase:
+        return PagedCase(case.q, case.kv_clean.to(FP8_KV_DTYPE), case.kv_poisoned.to(FP8_KV_DTYPE), case.meta,
+                         case.scale)
+
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+    def test_decode(self, kernels, dtype):
+        case = self.fp8(make_case([1] * len(RAGGED), RAGGED, num_heads=8, num_kv_heads=2, dtype=dtype))
+        assert torch.isnan(case.kv_poisoned.float()).any()
+        assert_close(run_decode(kernels, case), case.reference(), dtype)
+        assert_close(run_decode(kernels, case, partition_size=16), case.reference(), dtype)
+
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+    def test_varlen_mixed_step(self, kernels, dtype):
+        case = self.fp8(make_case([12, 9, 1, 1, 20], [12, 41, 17, 70, 33], dtype=dtype))
+        assert_close(run_varlen(kernels, case), case.reference(), dtype)
+        assert_close(kernels.dispatch(case.q, case.kv_poisoned, case.meta, case.scale), case.reference(), dtype)
+
+    def test_fp8_rounding_is_what_the_reference_reads(self):
+        # Guard for the two tests above: the FP8 cache really differs from the bf16 one.
+        case = make_case([1, 1], [20, 33], dtype=torch.bfloat16)
+        assert not torch.equal(self.fp8(case).kv_clean.float(), case.kv_clean.float())
 
 
 class TestDispatch:

@@ -10,6 +10,7 @@ import types
 import pytest
 import torch
 
+from runtime_lib.config import FP8_KV_DTYPE
 from runtime_lib.kernels.small_linear import LinearTuning
 from runtime_lib.layers.rotary import RotaryEmbedding
 
@@ -30,7 +31,8 @@ def mods(interpreted) -> types.SimpleNamespace:
                                  rope=rope_kv.rope_kv_write)
 
 
-def make_inputs(*, h=4, kvh=2, d=32, hidden=96, dtype=torch.bfloat16, bias=False, seed=0, rope_scaling=None):
+def make_inputs(*, h=4, kvh=2, d=32, hidden=96, dtype=torch.bfloat16, bias=False, seed=0, rope_scaling=None,
+                kv_dtype=None):
     g = torch.Generator().manual_seed(seed)
     n = (h + 2 * kvh) * d
     x = (torch.randn(1, hidden, generator=g) * 2).to(dtype)
@@ -40,7 +42,7 @@ def make_inputs(*, h=4, kvh=2, d=32, hidden=96, dtype=torch.bfloat16, bias=False
     rotary = RotaryEmbedding(d, 64, rope_scaling=rope_scaling)
     positions = torch.tensor([37])
     slots = torch.tensor([13])                                   # block 3, offset 1 of 4-slot blocks
-    kv = torch.full((2, 6, 4, kvh, d), SENTINEL, dtype=dtype)
+    kv = torch.full((2, 6, 4, kvh, d), SENTINEL).to(kv_dtype or dtype)  # FP8: saturates to -448
     return dict(x=x, weight=w, norm_weight=norm_w, eps=1e-5, positions=positions, cos_cache=rotary.cos_cache,
                 sin_cache=rotary.sin_cache, kv_layer=kv, slot_mapping=slots, num_heads=h, num_kv_heads=kvh,
                 bias=b)
@@ -143,6 +145,24 @@ def test_attention_in_the_epilogue_equals_qkv_rope_kv_then_paged_decode_attentio
     spec = attn_mods.spec(table, lens, 0.3, window)
     again = attn_mods.fused(**{**a, "kv_layer": a["kv_layer"].clone()}, attention=spec, tuning=tuning)
     assert torch.equal(again, out)
+
+
+@pytest.mark.parametrize("ctx", [1, 12])
+def test_fp8_cache_one_launch_and_epilogue_attention_equal_the_separate_kernels(attn_mods, kernels, ctx):
+    a = make_inputs(h=8, kvh=2, d=32, seed=ctx, kv_dtype=FP8_KV_DTYPE)
+    table, lens = history(a, ctx)
+    tuning = LinearTuning(block_n=8, block_k=32)
+    kv = a["kv_layer"].clone()
+    out = attn_mods.fused(**{**a, "kv_layer": kv}, attention=attn_mods.spec(table, lens, 0.3), tuning=tuning)
+    kv_ref = a["kv_layer"].clone()
+    q = attn_mods.qkv(**{**a, "kv_layer": kv_ref}, tuning=tuning)
+    ref = attn_mods.decode(q, kv_ref, table, lens, 0.3, max_context_len=128, partition_size=128,
+                           tuning=kernels.DecodeTuning(block_n=128, fp8_dot_fp16=False))  # the epilogue's bf16 dots
+    assert torch.equal(kv.view(torch.uint8), kv_ref.view(torch.uint8))
+    assert torch.equal(out, ref)
+    slot = int(a["slot_mapping"])
+    written = kv.view(2, -1, *kv.shape[3:])[:, slot].float()
+    assert (written != -448).all() and torch.isfinite(written).all()  # this step's K/V are in the cache
 
 
 def test_attention_spec_is_checked(attn_mods):

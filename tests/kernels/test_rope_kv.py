@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
+from runtime_lib.config import FP8_KV_DTYPE, FP8_KV_MAX
 from runtime_lib.layers.rotary import RotaryEmbedding
 
 SENTINEL = -1234.0  # exactly representable in fp16, bf16 and fp32
@@ -58,7 +59,7 @@ def make_case(*, T: int = 5, num_heads: int = 4, num_kv_heads: int = 2, head_siz
     positions = torch.randperm(max_positions, generator=gen)[:T]       # unsorted, distinct
     rotary = RotaryEmbedding(head_size, max_positions, rope_scaling=rope_scaling)
     slots = torch.randperm(num_blocks * block_size, generator=gen)[:T]  # shuffled, across blocks
-    kv = torch.full((2, num_blocks, block_size, num_kv_heads, head_size), SENTINEL, dtype=kv_dtype or dtype)
+    kv = torch.full((2, num_blocks, block_size, num_kv_heads, head_size), SENTINEL).to(kv_dtype or dtype)
     return Case(qkv.to(device), positions.to(device), rotary.cos_cache.to(device),
                 rotary.sin_cache.to(device), kv.to(device), slots.to(device), num_heads, num_kv_heads)
 
@@ -138,6 +139,25 @@ def test_cache_of_another_dtype_is_cast_on_store(rope_kv, dtype, kv_dtype):
     assert q.dtype == dtype and kv.dtype == kv_dtype
     assert torch.equal(q, q_ref) and torch.equal(kv, kv_ref)
     assert_untouched_outside(kv, case.slots)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_fp8_cache_is_rounded_to_nearest_even_and_saturates_like_write_kv(rope_kv, dtype):
+    # Values from ~1e-4 (e4m3 subnormals) to ~3e3 (past its 448 maximum): the kernel's stores
+    # equal write_kv's clamp-then-cast byte for byte.
+    case = make_case(dtype=dtype, kv_dtype=FP8_KV_DTYPE, head_size=16, seed=13)
+    scales = 10.0 ** (torch.arange(case.qkv.shape[1]) % 16 * (7 / 15) - 4)  # 1e-4 .. 1e3 in every head
+    scales = scales.to(dtype)
+    case.qkv.mul_(scales)
+    q, kv, q_ref, kv_ref = run_both(rope_kv, case)
+    assert q.dtype == dtype and kv.dtype == FP8_KV_DTYPE
+    assert torch.equal(q, q_ref)
+    bits, bits_ref = kv.view(torch.uint8), kv_ref.view(torch.uint8)
+    assert torch.equal(bits, bits_ref)
+    written = kv_ref.float().view(2, -1, *kv.shape[3:])[:, case.slots]
+    assert not torch.isnan(written).any()
+    assert written.abs().amax() == FP8_KV_MAX                  # some values saturated
+    assert ((written != 0) & (written.abs() < 2 ** -6)).any()  # some are subnormal
 
 
 def test_int32_positions_and_slots_and_out_buffer(rope_kv):

@@ -182,6 +182,34 @@ def test_num_return_sequences_share_the_prompt(session, llama_dir, prefix_cachin
         engine.shutdown()
 
 
+def test_fp8_kv_cache_batches_forks_and_preempts_like_the_full_precision_one(session, llama_dir):
+    """kv_cache_dtype="fp8": the pool is e4m3 (1 byte a value). Concurrent requests under a tight
+    pool (chunked prefill, preemption, prefix reuse) and an n=2 request (block copies) each get
+    what they get alone from the same engine, and every block comes back."""
+    engine = make_engine(session, llama_dir, num_kv_blocks=40, kv_cache_dtype="fp8")
+    try:
+        assert engine.kv_cache.dtype == torch.float8_e4m3fn and engine.kv_cache.element_size() == 1
+        ps = prompts(8, seed=3)
+        streams = [engine.add_request(f"r{i}", p, sampling(i)) for i, p in enumerate(ps)]
+        together = [collect(s) for s in streams]
+        assert engine.stats().num_preempted_total > 0
+        for i, p in enumerate(ps):
+            assert together[i] == collect(engine.add_request(f"alone{i}", p, sampling(i)))
+        outs: dict[int, list[int]] = {}
+        for out in engine.add_request("n", ps[0], sampling(1, max_new_tokens=6, num_return_sequences=2,
+                                                           ignore_eos=True)):
+            outs.setdefault(out.sequence_index, []).extend(out.new_token_ids)
+        assert sorted(outs) == [0, 1] and all(len(v) == 6 for v in outs.values())
+        assert_no_leak(engine)
+    finally:
+        engine.shutdown()
+
+
+def test_kv_cache_dtype_is_validated():
+    with pytest.raises(ValueError, match=r"kv_cache_dtype must be one of \['auto', 'fp8'\], got 'int4'"):
+        EngineConfig(model_dir="x", kv_cache_dtype="int4")
+
+
 def test_stop_words_never_reach_the_stream(session, llama_dir):
     engine = make_engine(session, llama_dir)
     p = prompts(1, seed=2)[0]
