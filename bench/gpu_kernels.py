@@ -511,24 +511,27 @@ def run_fp8_shapes(report: Report) -> None:
 def markdown(report: Report) -> str:
     lines = [f"# Triton paged attention on {report.device}",
              (f"torch {report.torch}, triton {report.triton}, python {report.python}, {report.date}; "
-              f"device-to-device copy bandwidth {report.copy_gbps:.0f} GB/s"), "",
-             "## Correctness vs paged_attention_torch (fp32)", "", "| check | max abs err | tol | ok |",
-             "|---|---|---|---|"]
-    lines += [f"| {c.name} | {c.max_abs_err:.2e} | {c.tol:.0e} | {'yes' if c.passed else '**NO**'} |"
-              for c in report.checks]
-    lines += ["", "## Decode, Llama-3.1-8B heads (32/8, d=128), bf16, block 16 — µs per call", "",
-              ("| batch | context | split | triton | triton (graph) | triton host | torch gather+SDPA | "
-               "SDPA contiguous | KV MB | GB/s (graph) | % copy BW | speedup vs torch paged | vs SDPA contiguous |"),
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              f"device-to-device copy bandwidth {report.copy_gbps:.0f} GB/s")]
+    if report.checks:
+        lines += ["", "## Correctness vs paged_attention_torch (fp32)", "", "| check | max abs err | tol | ok |",
+                  "|---|---|---|---|"]
+        lines += [f"| {c.name} | {c.max_abs_err:.2e} | {c.tol:.0e} | {'yes' if c.passed else '**NO**'} |"
+                  for c in report.checks]
+    if report.decode:
+        lines += ["", "## Decode, Llama-3.1-8B heads (32/8, d=128), bf16, block 16 — µs per call", "",
+                  ("| batch | context | split | triton | triton (graph) | triton host | torch gather+SDPA | "
+                   "SDPA contiguous | KV MB | GB/s (graph) | % copy BW | speedup vs torch paged | vs SDPA contiguous |"),
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in report.decode:
         lines.append(f"| {r.batch} | {r.context} | {r.partition_size} | {r.triton_us:.1f} | {r.triton_graph_us:.1f} | "
                      f"{r.triton_host_us:.1f} | {r.torch_paged_us:.1f} | {r.sdpa_contiguous_us:.1f} | {r.kv_mbytes:.1f} | "
                      f"{r.triton_graph_gbps:.0f} | {r.pct_of_copy_bw:.1f} | "
                      f"{r.torch_paged_us / r.triton_graph_us:.1f}x | {r.sdpa_contiguous_us / r.triton_graph_us:.2f}x |")
-    lines += ["", "## Prefill / varlen, bf16 — µs per call", "",
-              ("| case | tokens | triton varlen | triton (graph) | TFLOP/s (graph) | triton host | torch gather+SDPA "
-               "| SDPA contiguous (flash, causal) |"),
-              "|---|---|---|---|---|---|---|---|"]
+    if report.prefill:
+        lines += ["", "## Prefill / varlen, bf16 — µs per call", "",
+                  ("| case | tokens | triton varlen | triton (graph) | TFLOP/s (graph) | triton host | torch gather+SDPA "
+                   "| SDPA contiguous (flash, causal) |"),
+                  "|---|---|---|---|---|---|---|---|"]
     for r in report.prefill:
         sdpa = f"{r.sdpa_contiguous_us:.1f}" if r.sdpa_contiguous_us else "n/a"
         lines.append(f"| {r.case} | {r.tokens} | {r.triton_us:.1f} | {r.triton_graph_us:.1f} | {r.triton_tflops:.1f} "
