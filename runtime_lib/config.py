@@ -100,6 +100,7 @@ class ModelConfig:
     gather_context_logits: bool = False
     gather_generation_logits: bool = False
     tp_size: int = 1
+    kv_cache_dtype: str = "auto"  # "auto" (= dtype) | "fp8": the KV pool's element type (see KV_CACHE_DTYPES)
 
     def __post_init__(self) -> None:
         if self.architecture not in SUPPORTED_ARCHITECTURES:
@@ -115,6 +116,8 @@ class ModelConfig:
             raise ValueError(f"num_heads ({self.num_heads}) must be a multiple of "
                              f"num_kv_heads ({self.num_kv_heads})")
         self.dtype = torch_dtype_to_str(str_dtype_to_torch(self.dtype))
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {list(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}")
         if self.max_seq_len is None:
             self.max_seq_len = self.max_position_embeddings
         if self.max_input_len is None:
@@ -127,6 +130,10 @@ class ModelConfig:
     @property
     def torch_dtype(self) -> torch.dtype:
         return str_dtype_to_torch(self.dtype)
+
+    @property
+    def kv_cache_torch_dtype(self) -> torch.dtype:
+        return kv_cache_torch_dtype(self.kv_cache_dtype, self.torch_dtype)
 
     @classmethod
     def from_hf_config(cls, hf: dict[str, Any], **overrides: Any) -> ModelConfig:

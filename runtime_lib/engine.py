@@ -238,7 +238,7 @@ class LLMEngine:
     # ------------------------------------------------------------- helpers
     def _default_num_blocks(self) -> int:
         mc, cfg = self.model_config, self.config
-        kv_dtype = kv_cache_torch_dtype(cfg.kv_cache_dtype, mc.torch_dtype)
+        kv_dtype = kv_cache_torch_dtype(cfg.kv_cache_dtype, mc.kv_cache_torch_dtype)
         bytes_per_block = (2 * mc.num_layers * cfg.block_size * mc.num_kv_heads * mc.head_size
                            * torch.finfo(kv_dtype).bits // 8)
         if self.device.type == "cuda":

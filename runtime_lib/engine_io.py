@@ -23,7 +23,8 @@ class EngineConfig:
     block_size: int = 16
     num_kv_blocks: int | None = None          # None: sized from kv_cache_memory_fraction
     kv_cache_memory_fraction: float = 0.9     # of free GPU memory (CPU: of max_num_seqs x max_seq_len)
-    kv_cache_dtype: str = "auto"              # "auto": the model's dtype; "fp8": e4m3, scale 1 (half the bytes)
+    kv_cache_dtype: str = "auto"              # "auto": the engine's (its dtype, or fp8 if built so); "fp8": e4m3,
+                                              # scale 1 (half the bytes of bf16)
     enable_prefix_caching: bool = True
     max_queue_size: int = 1024
     max_seq_len: int | None = None            # None: the model's limit

@@ -167,4 +167,6 @@ def apply_block_copies(kv_cache: torch.Tensor, copies: Sequence[BlockCopy]) -> N
         return
     src = torch.tensor([c.src for c in copies], device=kv_cache.device)
     dst = torch.tensor([c.dst for c in copies], device=kv_cache.device)
+    if kv_cache.element_size() == 1:  # FP8: copy the bytes (indexing kernels may lack float8)
+        kv_cache = kv_cache.view(torch.uint8)
     kv_cache[:, :, dst] = kv_cache[:, :, src]

@@ -178,7 +178,8 @@ class Session:
 
     def allocate_kv_cache(self, num_blocks: int, block_size: int,
                           dtype: str | torch.dtype | None = None) -> torch.Tensor:
-        """A zeroed KV pool on this session's device, in the model's dtype unless told."""
+        """A zeroed KV pool on this session's device, in the config's `kv_cache_dtype` (the
+        model's dtype, or FP8 for an engine built with --kv-cache-dtype fp8) unless told."""
         return allocate_kv_cache(self._model_config, num_blocks, block_size, self.device, dtype)
 
     # --- CUDA graphs ------------------------------------------------------------------------

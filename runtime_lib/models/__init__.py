@@ -106,11 +106,11 @@ def allocate_kv_cache(config: ModelConfig, num_blocks: int, block_size: int,
                       device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None) -> torch.Tensor:
     """Zeroed paged KV pool (num_layers, 2, num_blocks, block_size, num_kv_heads, head_size).
     Zeros, not empty: attention multiplies masked-out slots by 0, and 0 * NaN garbage is NaN.
-    `dtype`: None / "auto" (the model's), "fp8" (see config.KV_CACHE_DTYPES) or a model dtype."""
+    `dtype`: None / "auto" (the config's kv_cache_dtype), "fp8" (config.KV_CACHE_DTYPES) or a model dtype."""
     for name, value in (("num_blocks", num_blocks), ("block_size", block_size)):
         if int(value) < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
-    torch_dtype = kv_cache_torch_dtype(dtype, config.torch_dtype)
+    torch_dtype = kv_cache_torch_dtype(dtype, config.kv_cache_torch_dtype)
     return torch.zeros(config.num_layers, 2, num_blocks, block_size, config.num_kv_heads, config.head_size,
                        device=device, dtype=torch_dtype)
 

@@ -63,7 +63,7 @@ def test_engine_directory_layout(engine_dir, llama_dir):
     assert set(cfg) == {"runtime_lib_version", "model_config", "build_config"}
     assert cfg["build_config"] == {"max_batch_size": 8, "max_beam_width": 4, "max_input_len": 128,
                                    "max_seq_len": 256, "tokens_per_block": BLOCK_SIZE, "tp_size": 1,
-                                   "dtype": "float32"}
+                                   "dtype": "float32", "kv_cache_dtype": "auto"}
     mc = ModelConfig.from_dir(engine_dir)
     assert (mc.max_seq_len, mc.max_input_len, mc.max_batch_size) == (256, 128, 8)
     for name in ("rank0.safetensors", "tokenizer.json", "tokenizer_config.json", "generation_config.json"):
@@ -184,11 +184,38 @@ def test_from_serialized_engine_rejects_garbage():
     ({"max_batch_size": 0}, "max_batch_size must be an integer >= 1, got 0"),
     ({"max_input_len": 300, "max_seq_len": 200}, r"max_input_len \(300\) must be <= max_seq_len \(200\)"),
     ({"max_tokens": 5}, r"unknown build option\(s\) \['max_tokens'\]"),
+    ({"kv_cache_dtype": "int8"}, r"kv_cache_dtype must be one of \['auto', 'fp8'\], got 'int8'"),
 ])
 def test_build_rejects_bad_arguments(llama_dir, tmp_path, kwargs, message):
     with pytest.raises(ValueError, match=message):
         build_engine(llama_dir, tmp_path / "e", **kwargs)
     assert not (tmp_path / "e" / "config.json").exists()
+
+
+def test_fp8_kv_cache_engine_is_used_by_model_runner_and_llm_engine(llama_dir, tmp_path):
+    """`--kv-cache-dtype fp8` is part of the engine (as in TensorRT-LLM): ModelRunner's
+    GenerationSession and LLMEngine both allocate an e4m3 pool for it, and both generate the
+    same greedy tokens from it; EngineConfig.kv_cache_dtype="fp8" does the same for any model."""
+    from runtime_lib.config import FP8_KV_DTYPE, SamplingConfig
+    from runtime_lib.engine import EngineConfig, LLMEngine
+    from runtime_lib.model_runner import ModelRunner
+
+    engine_dir = build_engine(llama_dir, tmp_path / "fp8", kv_cache_dtype="fp8", tokens_per_block=BLOCK_SIZE)
+    assert json.loads((engine_dir / "config.json").read_text())["build_config"]["kv_cache_dtype"] == "fp8"
+    assert ModelConfig.from_dir(engine_dir).kv_cache_dtype == "fp8"
+    runner = ModelRunner.from_dir(engine_dir, device="cpu")
+    prompt = [1, 17, 42, 99, 250, 7]
+    out = runner.generate([torch.tensor(prompt)], max_new_tokens=8, end_id=-1, pad_id=0)
+    assert runner.session._kv_cache.dtype == FP8_KV_DTYPE
+    greedy = out[0, 0, len(prompt):len(prompt) + 8].tolist()
+    engine = LLMEngine(EngineConfig(model_dir=str(engine_dir), device="cpu", num_kv_blocks=32,
+                                    block_size=BLOCK_SIZE))
+    try:
+        assert engine.kv_cache.dtype == FP8_KV_DTYPE
+        stream = engine.add_request("r", prompt, SamplingConfig(end_id=-1, pad_id=0, max_new_tokens=8))
+        assert [t for o in stream for t in o.new_token_ids] == greedy
+    finally:
+        engine.shutdown()
 
 
 def test_build_rejects_missing_checkpoint(tmp_path):
