@@ -208,6 +208,9 @@ def test_fp8_kv_cache_engine_is_used_by_model_runner_and_llm_engine(llama_dir, t
     out = runner.generate([torch.tensor(prompt)], max_new_tokens=8, end_id=-1, pad_id=0)
     assert runner.session._kv_cache.dtype == FP8_KV_DTYPE
     greedy = out[0, 0, len(prompt):len(prompt) + 8].tolist()
+    beams = runner.generate([torch.tensor(prompt)], max_new_tokens=8, end_id=-1, pad_id=0, num_beams=3,
+                            num_return_sequences=3)
+    assert beams.shape[1] == 3   # beam search forks blocks: byte copies inside the FP8 pool
     engine = LLMEngine(EngineConfig(model_dir=str(engine_dir), device="cpu", num_kv_blocks=32,
                                     block_size=BLOCK_SIZE))
     try:
