@@ -886,15 +886,20 @@ def markdown(report: dict) -> str:
         if "offline" in res:
             o = res["offline"]
             lines += [f"### offline throughput (output tok/s){' (compiled decode step)' if o.get('compiled') else ''}",
-                      "", "| config | ModelRunner.generate | decode step ms (graph replay ms) | LLMEngine |",
-                      "|---|---|---|---|"]
-            nan = float("nan")
+                      "", ("| config | ModelRunner.generate | decode step ms (graph replay ms) | LLMEngine | "
+                           "engine decode step ms (rows) |"),
+                      "|---|---|---|---|---|"]
             for key in sorted(set(o["runner"]) | set(o["engine"]), key=lambda k: (len(k), k)):
                 r, e = o["runner"].get(key, {}), o["engine"].get(key, {})
-                lines.append(f"| {key} | {r.get('tok_s', nan):,.0f} | {r.get('decode_step_ms', nan):.2f} "
-                             f"({r.get('graph_replay_ms', nan):.2f}) | {e.get('tok_s', nan):,.0f} |")
+                nan = float("nan")
+                runner = (f"{r['tok_s']:,.0f} | {r.get('decode_step_ms', nan):.2f} ({r.get('graph_replay_ms', nan):.2f})"
+                          if "tok_s" in r else f"{r.get('error', '-')[:60]} | -")
+                d = e.get("phases", {}).get("decode", {})
+                engine = (f"{e['tok_s']:,.0f} | " + (f"{d['ms_per_step']:.1f} ({d['rows_per_step']:.0f})" if d else "-")
+                          if "tok_s" in e else "- | -")
+                lines.append(f"| {key} | {runner} | {engine} |")
             for key, h in o["hf"].items():
-                lines.append(f"| HF generate {key} | {h.get('tok_s', nan):,.0f} | | |")
+                lines.append(f"| HF generate {key} | {h.get('tok_s', float('nan')):,.0f} | | | |")
             lines.append("")
         if "latency" in res:
             lines += ["### LLMEngine latency, ISL/OSL 128/128, all streams submitted at once", "",
