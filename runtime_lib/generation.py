@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -44,6 +45,7 @@ class _DecodePlan:
     beam_width: int
     max_blocks_per_seq: int
     kv_cache: torch.Tensor
+    prompt_inputs: dict[str, torch.Tensor] | None = None  # prompt tuning inputs of the prefill step
 
 
 @dataclass
@@ -178,10 +180,13 @@ class GenerationSession:
         if bad_words_list is not None:
             scfg.bad_words_list = bad_words_list
         prompts = self._split_prompts(input_ids, context_lengths)
-        if prompt_embedding_table is not None or tasks is not None:
-            raise NotImplementedError("prompt tuning tables are not supported by this session yet")
+        prompt_inputs = None
+        if prompt_embedding_table is not None or tasks is not None or prompt_vocab_size is not None:
+            prompt_inputs = self._prompt_inputs(prompts, prompt_embedding_table, tasks, prompt_vocab_size)
+        else:
+            self._check_token_ids(prompts, self.vocab_size)
         plan = _DecodePlan(self.batch_size, self.max_new_tokens, self.beam_width, self.max_blocks_per_seq,
-                           self._kv_cache)
+                           self._kv_cache, prompt_inputs)
         kwargs = dict(plan=plan, output_sequence_lengths=output_sequence_lengths or scfg.output_sequence_lengths,
                       return_dict=return_dict or scfg.return_dict,
                       output_generation_logits=output_generation_logits or self.gather_generation_logits,
@@ -189,6 +194,44 @@ class GenerationSession:
         if streaming:
             return self.decode_stream(prompts, scfg, **kwargs)
         return self.decode_regular(prompts, scfg, **kwargs)
+
+    def _prompt_inputs(self, prompts: list[list[int]], table: torch.Tensor | None, tasks: Any,
+                       prompt_vocab_size: Any) -> dict[str, torch.Tensor]:
+        """Validated prompt tuning inputs of the prefill step (TRT-LLM's `decode` arguments):
+        `table` (num_tasks * prompt_vocab_size, H); `tasks` (batch,) each prompt's task, default
+        0; `prompt_vocab_size` (1,) the table rows per task. Prompt ids in [vocab_size,
+        vocab_size + prompt_vocab_size) are the virtual tokens."""
+        hidden = self.model_config.hidden_size
+        if table is None:
+            raise ValueError("tasks / prompt_vocab_size need a prompt_embedding_table")
+        table = torch.as_tensor(table)
+        if table.dim() != 2 or table.shape[1] != hidden or table.shape[0] == 0:
+            raise ValueError(f"prompt_embedding_table must be (num_tasks * prompt_vocab_size, hidden={hidden}), "
+                             f"got shape {tuple(table.shape)}")
+        vocab = int(torch.as_tensor(prompt_vocab_size).reshape(-1)[0]) if prompt_vocab_size is not None \
+            else table.shape[0]
+        if vocab < 1 or table.shape[0] % vocab:
+            raise ValueError(f"prompt_vocab_size must be >= 1 and divide the table's {table.shape[0]} rows, "
+                             f"got {vocab}")
+        num_tasks = table.shape[0] // vocab
+        B = len(prompts)
+        task_ids = [0] * B if tasks is None else [int(t) for t in torch.as_tensor(tasks).reshape(-1).tolist()]
+        if len(task_ids) != B:
+            raise ValueError(f"tasks must name one task per prompt ({B}), got {len(task_ids)}")
+        bad = [t for t in task_ids if not 0 <= t < num_tasks]
+        if bad:
+            raise ValueError(f"tasks must be in [0, {num_tasks}) (the table's tasks), got {bad[:5]}")
+        self._check_token_ids(prompts, self.vocab_size + vocab)
+        per_token = torch.tensor([t for t, p in zip(task_ids, prompts) for _ in p], dtype=torch.int32)
+        return {"prompt_embedding_table": table.to(self.device, self.model_config.torch_dtype),
+                "tasks": per_token.to(self.device), "prompt_vocab_size": torch.tensor([vocab], dtype=torch.int32)}
+
+    @staticmethod
+    def _check_token_ids(prompts: list[list[int]], limit: int) -> None:
+        for b, p in enumerate(prompts):
+            bad = [t for t in p if not 0 <= t < limit]
+            if bad:
+                raise ValueError(f"prompt {b} has token ids {bad[:5]} outside [0, {limit})")
 
     def _check_idle(self, what: str) -> None:
         if self._decoding:
@@ -291,7 +334,7 @@ class GenerationSession:
                 copies += kv.add_sequence(GenerationSequence(b, b), len(p))
             want_ctx = self.gather_context_logits
             logits = self._forward([StepRow(p, 0, kv.get_block_table(b, 0), all_logits=want_ctx)
-                                    for b, p in enumerate(prompts)], kv_cache)
+                                    for b, p in enumerate(prompts)], kv_cache, extra=plan.prompt_inputs)
             apply_block_copies(kv_cache, copies)
             context_logits = None
             if want_ctx:
@@ -426,9 +469,10 @@ class GenerationSession:
         return out.next_tokens, out.parent_beams
 
     def _forward(self, step_rows: list[StepRow], kv_cache: torch.Tensor,
-                 feed_tokens: torch.Tensor | None = None) -> torch.Tensor:
+                 feed_tokens: torch.Tensor | None = None, extra: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         inputs = build_step_inputs(step_rows, self.tokens_per_block, self.device, feed_tokens=feed_tokens)
         inputs["kv_cache"] = kv_cache
+        inputs.update(extra or {})
         outputs: dict[str, torch.Tensor] = {}
         self.runtime.run(inputs, outputs)
         return outputs["logits"]

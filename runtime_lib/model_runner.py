@@ -84,7 +84,8 @@ class ModelRunner:
     max_sequence_length = property(lambda self: self.model_config.max_seq_len)
     remove_input_padding = property(lambda self: self.model_config.remove_input_padding)
     use_lora_plugin = property(lambda self: False)
-    max_prompt_embedding_table_size = property(lambda self: 0)
+    # No build-time table size: as many virtual tokens as one batch of prompts can hold.
+    max_prompt_embedding_table_size = property(lambda self: self.max_batch_size * self.max_input_len)
     gather_context_logits = property(lambda self: self.model_config.gather_context_logits)
     gather_generation_logits = property(lambda self: self.model_config.gather_generation_logits)
 
@@ -97,9 +98,7 @@ class ModelRunner:
         """Generate for a list of 1-D prompt tensors. Returns `output_ids` [batch, beams,
         max_input_len + max_new_tokens] padded with end_id, or a dict when `return_dict` /
         `output_sequence_lengths`; with `streaming=True` a generator of those, one per step."""
-        if prompt_table is not None or prompt_tasks is not None:
-            self._check_prompt_table(prompt_table, prompt_tasks, len(batch_input_ids))
-            raise NotImplementedError("prompt tuning tables are not supported yet (prompt_table given)")
+        ptuning = self._prepare_ptuning(prompt_table, prompt_tasks, len(batch_input_ids))
         if lora_uids is not None:
             if len(lora_uids) != len(batch_input_ids):
                 raise ValueError(f"lora_uids must have one entry per prompt ({len(batch_input_ids)}), "
@@ -109,12 +108,13 @@ class ModelRunner:
         if position_ids is not None:
             raise NotImplementedError("custom position_ids are not supported")
         scfg = self._sampling_config(sampling_config, kwargs)
-        prompts = self._check_inputs(batch_input_ids, scfg)
+        virtual = int(ptuning["prompt_vocab_size"][0]) if ptuning else 0
+        prompts = self._check_inputs(batch_input_ids, scfg, virtual)
         lengths = torch.tensor([len(p) for p in prompts], dtype=torch.int32)
         packed = torch.tensor([t for p in prompts for t in p], dtype=torch.int32)
         beam_width = max(scfg.num_beams, scfg.num_return_sequences or 1)
         self.session.setup(len(prompts), int(lengths.max()), scfg.max_new_tokens, beam_width)
-        return self.session.decode(packed, lengths, scfg, streaming=streaming,
+        return self.session.decode(packed, lengths, scfg, **ptuning, streaming=streaming,
                                    stopping_criteria=stopping_criteria, logits_processor=logits_processor,
                                    return_dict=scfg.return_dict,
                                    output_sequence_lengths=scfg.output_sequence_lengths)
@@ -135,7 +135,9 @@ class ModelRunner:
             raise ValueError(f"unknown sampling arguments {sorted(unused)}")
         return sampling_config
 
-    def _check_inputs(self, batch_input_ids: list[torch.Tensor], scfg: SamplingConfig) -> list[list[int]]:
+    def _check_inputs(self, batch_input_ids: list[torch.Tensor], scfg: SamplingConfig,
+                      virtual_tokens: int = 0) -> list[list[int]]:
+        """Prompts as lists; ids below vocab_size + `virtual_tokens` (a prompt table's rows per task)."""
         if isinstance(batch_input_ids, torch.Tensor):
             batch_input_ids = list(batch_input_ids) if batch_input_ids.dim() == 2 else [batch_input_ids]
         if not batch_input_ids:
@@ -153,9 +155,12 @@ class ModelRunner:
                 raise ValueError(f"batch_input_ids[{b}] has {ids.numel()} tokens, more than "
                                  f"max_input_len={self.max_input_len}")
             lst = ids.tolist()
-            bad = [t for t in lst if not 0 <= t < self.vocab_size]
+            limit = self.vocab_size + virtual_tokens
+            bad = [t for t in lst if not 0 <= t < limit]
             if bad:
-                raise ValueError(f"batch_input_ids[{b}] has token ids {bad[:5]} outside [0, {self.vocab_size})")
+                raise ValueError(f"batch_input_ids[{b}] has token ids {bad[:5]} outside [0, {limit})"
+                                 + (f" (vocab_size {self.vocab_size} + {virtual_tokens} prompt table rows per task)"
+                                    if virtual_tokens else ""))
             if len(lst) + scfg.max_new_tokens > self.max_seq_len:
                 raise ValueError(f"batch_input_ids[{b}] has {len(lst)} tokens; with max_new_tokens="
                                  f"{scfg.max_new_tokens} that exceeds max_seq_len={self.max_seq_len}")
@@ -164,11 +169,38 @@ class ModelRunner:
             raise ValueError(f"num_beams / num_return_sequences must be <= max_beam_width={self.max_beam_width}")
         return prompts
 
-    def _check_prompt_table(self, prompt_table: Any, prompt_tasks: Any, batch_size: int) -> None:
-        table = torch.as_tensor(prompt_table) if prompt_table is not None else None
-        if table is not None and (table.dim() not in (2, 3) or table.shape[-1] != self.hidden_size):
+    def _prepare_ptuning(self, prompt_table: Any, prompt_tasks: Any, batch_size: int) -> dict[str, torch.Tensor]:
+        """TensorRT-LLM's prompt tuning arguments -> GenerationSession.decode's: `prompt_table`
+        [tasks, vocab, hidden] (or [vocab, hidden]: one task), a tensor or a .npy path;
+        `prompt_tasks` each prompt's task as "0,1,0" or a sequence (default: task 0). Prompt ids
+        vocab_size + i read row i of the prompt's task."""
+        if prompt_table is None:
+            if prompt_tasks is not None:
+                raise ValueError("prompt_tasks needs a prompt_table")
+            return {}
+        if isinstance(prompt_table, (str, Path)):
+            import numpy as np
+
+            prompt_table = torch.from_numpy(np.load(prompt_table))
+        table = torch.as_tensor(prompt_table)
+        if table.dim() == 2:
+            table = table[None]
+        if table.dim() != 3 or table.shape[-1] != self.hidden_size or 0 in table.shape:
             raise ValueError(f"prompt_table must be [tasks, vocab, hidden={self.hidden_size}] or "
-                             f"[vocab, hidden], got shape {tuple(table.shape)}")
+                             f"[vocab, hidden], got shape {tuple(torch.as_tensor(prompt_table).shape)}")
+        if prompt_tasks is None:
+            tasks = [0] * batch_size
+        else:
+            items = prompt_tasks.split(",") if isinstance(prompt_tasks, str) else torch.as_tensor(prompt_tasks).tolist()
+            try:
+                tasks = [int(t) for t in items]
+            except (TypeError, ValueError):
+                raise ValueError(f"prompt_tasks must be task numbers like '0,1', got {prompt_tasks!r}") from None
+        if len(tasks) != batch_size:
+            raise ValueError(f"prompt_tasks must name one task per prompt ({batch_size}), got {len(tasks)}")
+        return {"prompt_embedding_table": table.reshape(-1, table.shape[-1]),
+                "tasks": torch.tensor(tasks, dtype=torch.int32),
+                "prompt_vocab_size": torch.tensor([table.shape[1]], dtype=torch.int32)}
 
 
 def _default_device() -> str:

@@ -35,6 +35,7 @@ from torch import nn
 
 from .config import ModelConfig
 from .layers.attention import AttentionMetadata
+from .layers.prompt_tuning import prompt_tuning_embeddings
 from .models import allocate_kv_cache, build_model, is_engine_dir, load_model
 from .prefill_graph import DEFAULT_MAX_PREFILL_GRAPH_TOKENS, PrefillGraphRunner
 
@@ -45,7 +46,10 @@ _HEADER = struct.Struct("<8sIQ")  # magic, format version, config-json byte leng
 REQUIRED_INPUTS = ("input_ids", "position_ids", "kv_cache", "query_lengths", "sequence_lengths",
                    "kv_cache_block_offsets", "logits_indices", "host_max_query_length",
                    "host_max_sequence_length")
-OPTIONAL_INPUTS = ("slot_mapping",)
+# Prompt tuning (TRT-LLM names): the table (num_tasks * prompt_vocab_size, H), each token's
+# task (T,) and the rows per task; prompt ids >= vocab_size then read the table.
+PROMPT_INPUTS = ("prompt_embedding_table", "tasks", "prompt_vocab_size")
+OPTIONAL_INPUTS = ("slot_mapping",) + PROMPT_INPUTS
 
 
 @dataclass(frozen=True)
@@ -61,7 +65,8 @@ class SessionBackend(Protocol):
     device: torch.device
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor,
-                meta: AttentionMetadata, logits_indices: torch.Tensor) -> torch.Tensor: ...
+                meta: AttentionMetadata, logits_indices: torch.Tensor,
+                inputs_embeds: torch.Tensor | None = None) -> torch.Tensor: ...
 
     def state_dict(self) -> dict[str, torch.Tensor]: ...
 
@@ -75,8 +80,10 @@ class TorchBackend:
 
     @torch.no_grad()  # not inference_mode: callers edit the returned logits in place
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor,
-                meta: AttentionMetadata, logits_indices: torch.Tensor) -> torch.Tensor:
-        hidden = self.model(input_ids, positions, kv_cache, meta)               # (T, H)
+                meta: AttentionMetadata, logits_indices: torch.Tensor,
+                inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        kw = {} if inputs_embeds is None else {"inputs_embeds": inputs_embeds}
+        hidden = self.model(input_ids, positions, kv_cache, meta, **kw)         # (T, H)
         return self.model.compute_logits(hidden[logits_indices])                # (N, V) fp32
 
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -305,7 +312,8 @@ class Session:
         ctx = torch.cuda.stream(stream) if stream is not None and self.device.type == "cuda" \
             else contextlib.nullcontext()
         with ctx:
-            runner = self._graph_runner_for(inputs)
+            embeds = self._prompt_embeddings(inputs)
+            runner = self._graph_runner_for(inputs) if embeds is None else None  # graphs take ids only
             if runner is not None:
                 slot_mapping = inputs.get("slot_mapping")
                 if slot_mapping is None:
@@ -322,7 +330,7 @@ class Session:
             else:
                 meta = self._metadata(inputs)
                 logits = self._backend.forward(inputs["input_ids"], inputs["position_ids"], inputs["kv_cache"],
-                                               meta, inputs["logits_indices"])
+                                               meta, inputs["logits_indices"], inputs_embeds=embeds)
             out = outputs.get("logits")
             if out is None:
                 outputs["logits"] = logits
@@ -332,6 +340,28 @@ class Session:
                                      f"expected {tuple(logits.shape)}")
                 out.copy_(logits)
         return True
+
+    def _prompt_embeddings(self, inputs: dict[str, torch.Tensor | int]) -> torch.Tensor | None:
+        """Token embeddings with virtual tokens looked up in the prompt table, or None without one."""
+        table = inputs.get("prompt_embedding_table")
+        if table is None:
+            return None
+        missing = [n for n in PROMPT_INPUTS if inputs.get(n) is None]
+        if missing:
+            raise ValueError(f"Session.run: prompt_embedding_table needs {missing} too")
+        ids, tasks = inputs["input_ids"], inputs["tasks"]
+        model = self.model
+        if model is None or not hasattr(model, "get_input_embeddings"):
+            raise ValueError("Session.run: this backend does not take prompt embedding tables")
+        if table.dim() != 2 or table.shape[1] != self._model_config.hidden_size:
+            raise ValueError(f"prompt_embedding_table must be (rows, hidden={self._model_config.hidden_size}), "
+                             f"got shape {tuple(table.shape)}")
+        if tasks.shape != ids.shape:
+            raise ValueError(f"tasks must give each of the {ids.shape[0]} tokens its task, got shape "
+                             f"{tuple(tasks.shape)}")
+        vocab_size = int(torch.as_tensor(inputs["prompt_vocab_size"]).reshape(-1)[0])
+        return prompt_tuning_embeddings(model.get_input_embeddings(), ids, table.to(ids.device), tasks.to(ids.device),
+                                        vocab_size)
 
     @staticmethod
     def _metadata(inputs: dict[str, torch.Tensor | int]) -> AttentionMetadata:

@@ -56,9 +56,14 @@ class GPT2LMHeadModel(nn.Module):
         self.layers = nn.ModuleList(GPT2Block(config, i) for i in range(config.num_layers))
         self.ln_f = LayerNorm(config.hidden_size, config.norm_epsilon)
 
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.wte
+
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor,
-                meta: AttentionMetadata) -> torch.Tensor:
-        x = self.wte(input_ids) + self.wpe(positions)                       # (T, H)
+                meta: AttentionMetadata, inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """`inputs_embeds` (T, H): token embeddings to use instead of `wte(input_ids)` (prompt tuning)."""
+        tokens = self.wte(input_ids) if inputs_embeds is None else inputs_embeds
+        x = tokens + self.wpe(positions)                                    # (T, H)
         for i, layer in enumerate(self.layers):
             x = layer(x, kv_cache[i], meta)
         return self.ln_f(x)                                                 # (T, H)

@@ -79,10 +79,14 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = None if config.tie_word_embeddings else \
             nn.Linear(config.hidden_size, config.vocab_size, bias=False)
 
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embed_tokens
+
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor,
-                meta: AttentionMetadata) -> torch.Tensor:
-        """input_ids, positions: (T,) flattened over sequences; kv_cache: (L, 2, nb, bs, kvh, d)."""
-        x = self.embed_tokens(input_ids)                                        # (T, H)
+                meta: AttentionMetadata, inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids, positions: (T,) flattened over sequences; kv_cache: (L, 2, nb, bs, kvh, d).
+        `inputs_embeds` (T, H): token embeddings to use instead of `embed_tokens(input_ids)`."""
+        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # (T, H)
         for i, layer in enumerate(self.layers):
             x = layer(positions, x, kv_cache[i], meta)
         return self.norm(x)                                                     # (T, H)

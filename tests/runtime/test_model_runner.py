@@ -266,9 +266,6 @@ def test_unsupported_arguments_fail_instead_of_being_ignored(engine_runner, tmp_
         engine_runner.generate(tensors(PROMPTS[:1]), end_id=EOS_ID, pad_id=PAD_ID, lora_uids=["7"])
     with pytest.raises(ValueError, match="lora_uids must have one entry per prompt"):
         engine_runner.generate(tensors(PROMPTS[:2]), end_id=EOS_ID, pad_id=PAD_ID, lora_uids=["-1"])
-    with pytest.raises(NotImplementedError, match="prompt"):
-        engine_runner.generate(tensors(PROMPTS[:1]), end_id=EOS_ID, pad_id=PAD_ID,
-                               prompt_table=torch.zeros(2, engine_runner.hidden_size))
     with pytest.raises(ValueError, match="prompt_table"):
         engine_runner.generate(tensors(PROMPTS[:1]), end_id=EOS_ID, pad_id=PAD_ID, prompt_table=torch.zeros(2, 3))
     with pytest.raises(NotImplementedError, match="LoRA"):
