@@ -31,7 +31,7 @@ class BeamGroup:
     @classmethod
     def start(cls, session: Session, model_config: ModelConfig, request_id: str, prompt: list[int],
               sampling: SamplingConfig, on_output: Callable[[RequestOutput], None],
-              tokenizer: Any = None) -> BeamGroup:
+              tokenizer: Any = None, prompt_table: torch.Tensor | None = None) -> BeamGroup:
         """Set up the group's session and stream (nothing runs until `advance`)."""
         from .generation import GenerationSession  # generation imports the engine's peers
 
@@ -42,7 +42,9 @@ class BeamGroup:
         scfg = sampling.copy()
         scfg.update(return_dict=True, output_sequence_lengths=True, output_cum_log_probs=True,
                     output_log_probs=True)
-        steps = gen.decode(torch.tensor(prompt), torch.tensor([len(prompt)]), scfg, streaming=True)
+        ptuning = {} if prompt_table is None else {"prompt_embedding_table": prompt_table,
+                                                     "prompt_vocab_size": torch.tensor([prompt_table.shape[0]])}
+        steps = gen.decode(torch.tensor(prompt), torch.tensor([len(prompt)]), scfg, streaming=True, **ptuning)
         return cls(request_id, len(prompt), steps, on_output, sampling.num_return_sequences or 1,
                    sampling.end_id, tokenizer)
 

@@ -21,11 +21,12 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import hashlib
 import logging
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,7 +36,7 @@ from .beam_group import BeamGroup
 from .config import SamplingConfig, kv_cache_torch_dtype
 from .engine_io import EngineBusyError, EngineConfig, EngineStats, RequestOutput, RequestStream
 from .kv_cache import BlocksManager
-from .model_step import HostCopy, StepRow, apply_block_copies, build_step_inputs
+from .model_step import HostCopy, StepRow, apply_block_copies, build_step_inputs, to_device
 from .sampling import SampleOutput, SamplingParams, SamplingTensors, random_seed, sample
 from .scheduler import QueueFullError, RequestRejectedError, Scheduler, SchedulerConfig, SchedulerOutput
 from .sequence import Sequence, SequenceStatus
@@ -69,6 +70,7 @@ class _RequestState:
     # step in flight (its device tokens feed the next step; the host value comes one step late).
     pending_row: int = -1
     detokenizer: Any = None                  # IncrementalDetokenizer when text deltas are wanted
+    prompt_table: torch.Tensor | None = None  # (P, H): prompt ids V..V+P-1 read these rows
 
 
 @dataclass(slots=True)
@@ -142,13 +144,17 @@ class LLMEngine:
     # ------------------------------------------------------------------ API
     def add_request(self, request_id: str, prompt_ids: list[int], sampling: SamplingConfig, *,
                     on_output: Callable[[RequestOutput], None] | None = None,
-                    priority: int = 0, detokenize: bool = False) -> RequestStream | None:
+                    priority: int = 0, detokenize: bool = False,
+                    prompt_table: torch.Tensor | None = None) -> RequestStream | None:
         """Queue a request. Raises ValueError (bad input, naming the field) or EngineBusyError.
         Outputs go to `on_output` (called on the engine thread: only enqueue there), or, without
         it, to the returned `RequestStream`. `detokenize=True` adds each output's text delta
         (`RequestOutput.text`; the deltas concatenate to the decoded output) using the
-        tokenizer found in the model directory; servers that detokenize elsewhere leave it off."""
-        prompt = self._check_prompt(prompt_ids, sampling)
+        tokenizer found in the model directory; servers that detokenize elsewhere leave it off.
+        `prompt_table` (P, hidden) (or (1, P, hidden)): prompt tuning, prompt id vocab_size + i
+        reads row i (tensorrtllm_backend's `prompt_embedding_table`)."""
+        table, salt = self._check_prompt_table(prompt_table)
+        prompt = self._check_prompt(prompt_ids, sampling, 0 if table is None else table.shape[0])
         if detokenize and self.tokenizer is None:
             raise ValueError("detokenize=True needs tokenizer files in the model directory; none were found")
         n = 1 if sampling.num_beams > 1 else (sampling.num_return_sequences or 1)
@@ -158,7 +164,7 @@ class LLMEngine:
             on_output = stream.put
         if sampling.num_beams > 1:
             self._add_beam_request(request_id, prompt, sampling, on_output,
-                                   self.tokenizer if detokenize else None)
+                                   self.tokenizer if detokenize else None, table)
             return stream
         params = SamplingParams.list_from_config(sampling, 1)[0]
         base_seed = params.seed if params.seed is not None else random_seed()
@@ -166,14 +172,14 @@ class LLMEngine:
         for i in range(n):
             p = dataclasses.replace(params, seed=(base_seed + i) & _MAX_SEED)
             seq = Sequence(request_id if n == 1 else f"{request_id}#{i}", list(prompt),
-                           max_tokens=sampling.max_new_tokens, priority=priority)
+                           max_tokens=sampling.max_new_tokens, priority=priority, cache_salt=salt)
             seq.data = _RequestState(
                 params=p, on_output=on_output, request_id=request_id, sequence_index=i,
                 end_id=-1 if sampling.ignore_eos else sampling.end_id,
                 matcher=StopWordsMatcher(p.stop_words) if p.stop_words else None,
                 want_log_probs=bool(sampling.output_log_probs or sampling.output_cum_log_probs),
                 needs_history=_needs_history(p),
-                detokenizer=self.tokenizer.incremental() if detokenize else None)
+                detokenizer=self.tokenizer.incremental() if detokenize else None, prompt_table=table)
             seqs.append(seq)
         seqs[0].data.siblings = seqs[1:]
         with self._lock:
@@ -251,14 +257,34 @@ class LLMEngine:
         available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
         return max(1, min(wanted, int(available * cfg.kv_cache_memory_fraction) // bytes_per_block))
 
-    def _check_prompt(self, prompt_ids: list[int], sampling: SamplingConfig) -> list[int]:
+    def _check_prompt_table(self, table: Any) -> tuple[torch.Tensor | None, Hashable | None]:
+        """(the table on the device in the model's dtype, its prefix-cache salt) or (None, None):
+        the KV of a virtual token depends on the table, so equal tables share cached blocks and
+        other tables never do."""
+        if table is None:
+            return None, None
+        table = torch.as_tensor(table)
+        H = self.model_config.hidden_size
+        if table.dim() == 3 and table.shape[0] == 1:
+            table = table[0]
+        if table.dim() != 2 or table.shape[1] != H or table.shape[0] == 0:
+            raise ValueError(f"prompt_embedding_table must be [1, rows, {H}] or [rows, {H}] (hidden size {H}), "
+                             f"got shape {tuple(table.shape)}")
+        if not torch.isfinite(table).all():
+            raise ValueError("prompt_embedding_table has NaN or infinite values")
+        digest = hashlib.blake2b(table.float().contiguous().cpu().numpy().tobytes(), digest_size=16).digest()
+        return table.to(self.device, self.model_config.torch_dtype), ("prompt_table", digest)
+
+    def _check_prompt(self, prompt_ids: list[int], sampling: SamplingConfig, virtual_tokens: int = 0) -> list[int]:
         prompt = [int(t) for t in prompt_ids]
         if not prompt:
             raise ValueError("input_ids is empty: a prompt needs at least one token")
         V = self.model_config.vocab_size
-        bad = [t for t in prompt if not 0 <= t < V]
+        limit = V + virtual_tokens
+        bad = [t for t in prompt if not 0 <= t < limit]
         if bad:
-            raise ValueError(f"input_ids has token ids {bad[:5]} outside the vocabulary [0, {V})")
+            raise ValueError(f"input_ids has token ids {bad[:5]} outside the vocabulary [0, {V})"
+                             + (f" and the prompt_embedding_table's rows [{V}, {limit})" if virtual_tokens else ""))
         if len(prompt) > self.max_input_len:
             raise ValueError(f"input_ids has {len(prompt)} tokens, more than the limit of "
                              f"{self.max_input_len} (max_input_len)")
@@ -367,6 +393,7 @@ class LLMEngine:
                     for s in live]
             inputs = build_step_inputs(rows, self.config.block_size, self.device,
                                        feed_tokens=prev.tokens if prev is not None else None)
+            inputs.update(self._prompt_inputs(live))
         inputs["kv_cache"] = self.kv_cache
         out: dict[str, torch.Tensor] = {}
         self.session.run(inputs, out)
@@ -375,6 +402,32 @@ class LLMEngine:
             return _InFlight(sched, [], None, None)
         res = self._sample(out["logits"], sampled)
         return _InFlight(sched, sampled, res.token_ids, HostCopy(res.token_ids, res.logprobs))
+
+    def _prompt_inputs(self, live: list) -> dict[str, torch.Tensor]:
+        """Session.run's prompt tuning inputs when a prompt chunk of this step holds virtual
+        tokens: the tables of those requests stacked as tasks (padded to the longest), each
+        token's task. Empty otherwise (the step keeps its CUDA graph)."""
+        if all(s.seq.data.prompt_table is None for s in live):
+            return {}
+        V = self.model_config.vocab_size
+        tables: list[torch.Tensor] = []
+        tasks: list[int] = []
+        for s in live:
+            table = s.seq.data.prompt_table
+            task = 0
+            if table is not None and any(t >= V for t in s.token_ids):
+                tables.append(table)
+                task = len(tables) - 1
+            tasks += [task] * len(s.token_ids)
+        if not tables:
+            return {}
+        rows = max(t.shape[0] for t in tables)
+        stacked = tables[0].new_zeros(len(tables) * rows, tables[0].shape[1])
+        for i, t in enumerate(tables):
+            stacked[i * rows:i * rows + t.shape[0]] = t
+        return {"prompt_embedding_table": stacked, "tasks": to_device(torch.tensor(tasks, dtype=torch.int32),
+                                                                       self.device),
+                "prompt_vocab_size": torch.tensor([rows], dtype=torch.int32)}
 
     def _defer(self, step: _InFlight) -> bool:
         """Give every row of `step` that will go on a placeholder token, so the scheduler runs
@@ -512,9 +565,10 @@ class LLMEngine:
 
     # ------------------------------------------------------------ beam groups
     def _add_beam_request(self, request_id: str, prompt: list[int], sampling: SamplingConfig,
-                          on_output: Callable[[RequestOutput], None], tokenizer: Any = None) -> None:
+                          on_output: Callable[[RequestOutput], None], tokenizer: Any = None,
+                          prompt_table: torch.Tensor | None = None) -> None:
         group = BeamGroup.start(self.session, self.model_config, request_id, prompt, sampling, on_output,
-                                tokenizer)
+                                tokenizer, prompt_table)
         with self._lock:
             if any(g.request_id == request_id for g in self._beam_groups):
                 group.close()

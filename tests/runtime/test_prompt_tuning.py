@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from runtime_lib.config import SamplingConfig
 from runtime_lib.model_runner import ModelRunner
 
 NEW = 10
@@ -111,3 +112,90 @@ def test_streaming_beams_and_penalties_accept_virtual_prompt_ids(family_runner):
     assert beams[0, 0, :5].tolist() == prompt[0].tolist()
     *_, last = runner.generate(prompt, streaming=True, **kw)
     assert torch.equal(last, runner.generate(prompt, **kw))
+
+
+# ----------------------------------------------------------------------------- LLMEngine
+@pytest.fixture(scope="module")
+def llama_engine(make_checkpoint):
+    from runtime_lib.engine import EngineConfig, LLMEngine
+    from runtime_lib.session import Session
+
+    ckpt = make_checkpoint("llama")
+    engine = LLMEngine(EngineConfig(model_dir=str(ckpt), device="cpu", block_size=4, num_kv_blocks=96,
+                                    max_num_batched_tokens=16), session=Session.from_dir(ckpt, device="cpu"))
+    yield engine, ModelRunner.from_dir(ckpt, device="cpu")
+    engine.shutdown()
+
+
+def engine_tokens(engine, rid, prompt, table=None, **kw):
+    scfg = SamplingConfig(end_id=-1, pad_id=0, max_new_tokens=NEW, **kw)
+    outs = {}
+    for o in engine.add_request(rid, prompt, scfg, prompt_table=table):
+        outs.setdefault(o.sequence_index, []).extend(o.new_token_ids)
+    return outs[0] if len(outs) == 1 else outs
+
+
+def test_engine_requests_with_their_own_tables_batch_with_plain_ones(llama_engine):
+    """Each request's table serves its own virtual ids, in mixed steps with other requests and
+    chunked prefill (16-token budget); results equal ModelRunner with the same table."""
+    engine, runner = llama_engine
+    V = runner.vocab_size
+    t1, t2 = table_for(runner, 1, 4, seed=1)[0], table_for(runner, 1, 6, seed=2)[0]
+    reqs = [([V, V + 1, V + 2, V + 3] + list(range(20, 34)), t1), ([5, V + 5, V, 7, 8], t2),
+            ([1, 17, 42, 99, 250, 7], None), ([V, V + 1, 9], t2)]
+    scfg = SamplingConfig(end_id=-1, pad_id=0, max_new_tokens=NEW)
+    streams = [engine.add_request(f"mix{i}", p, scfg, prompt_table=t) for i, (p, t) in enumerate(reqs)]
+    together = [[tok for o in s for tok in o.new_token_ids] for s in streams]
+    for (p, t), got in zip(reqs, together):
+        ref = runner.generate([torch.tensor(p)], max_new_tokens=NEW, end_id=-1, pad_id=0, prompt_table=t)
+        assert got == ref[0, 0, len(p):len(p) + NEW].tolist()
+
+
+def test_engine_prefix_cache_keeps_tables_apart(llama_engine):
+    """Same ids, other table: never served from the first table's cached blocks; same table:
+    served from them."""
+    engine, runner = llama_engine
+    V = runner.vocab_size
+    prompt = [V, V + 1, V + 2, V + 3, V, V + 1, V + 2, V + 3, 11, 12]
+    a, b = table_for(runner, 1, 4, seed=3)[0], table_for(runner, 1, 4, seed=4)[0]
+    def computed(table) -> tuple[list[int], int]:
+        before = engine.stats().num_computed_tokens_total
+        tokens = engine_tokens(engine, f"p{before}", prompt, table)
+        return tokens, engine.stats().num_computed_tokens_total - before
+
+    first, _ = computed(a)
+    other, n_other = computed(b)
+    again, n_again = computed(a.clone())
+    ref_b = runner.generate([torch.tensor(prompt)], max_new_tokens=NEW, end_id=-1, pad_id=0, prompt_table=b)
+    assert other == ref_b[0, 0, len(prompt):len(prompt) + NEW].tolist() and other != first
+    assert again == first
+    assert n_other >= len(prompt)            # nothing reused from table a's blocks
+    assert n_again <= n_other - 8            # table a's two full 4-token blocks reused
+
+
+def test_engine_n_and_beams_with_a_table(llama_engine):
+    engine, runner = llama_engine
+    V = runner.vocab_size
+    table = table_for(runner, 1, 3, seed=5)[0]
+    prompt = [V + 2, 30, V, 31, V + 1]
+    beams = engine_tokens(engine, "beam", prompt, table, num_beams=2)
+    ref = runner.generate([torch.tensor(prompt)], max_new_tokens=NEW, end_id=-1, pad_id=0, prompt_table=table,
+                          num_beams=2)
+    assert beams == ref[0, 0, len(prompt):len(prompt) + NEW].tolist()
+    samples = engine_tokens(engine, "n", prompt, table, num_return_sequences=2, temperature=0.8, random_seed=7)
+    alone = engine_tokens(engine, "n0", prompt, table, temperature=0.8, random_seed=7)
+    assert samples[0] == alone
+
+
+def test_engine_rejects_bad_tables_naming_the_field(llama_engine):
+    engine, runner = llama_engine
+    V, H = runner.vocab_size, runner.hidden_size
+    scfg = SamplingConfig(end_id=-1, pad_id=0, max_new_tokens=2)
+    with pytest.raises(ValueError, match=rf"prompt_embedding_table must be \[1, rows, {H}\]"):
+        engine.add_request("bad1", [V], scfg, prompt_table=torch.zeros(3, H + 1))
+    with pytest.raises(ValueError, match=rf"outside the vocabulary \[0, {V}\) and the prompt_embedding_table's rows"):
+        engine.add_request("bad2", [V + 3], scfg, prompt_table=torch.zeros(3, H))
+    with pytest.raises(ValueError, match=rf"outside the vocabulary \[0, {V}\)$"):
+        engine.add_request("bad3", [V], scfg)
+    with pytest.raises(ValueError, match="NaN"):
+        engine.add_request("bad4", [V], scfg, prompt_table=torch.full((1, H), float("nan")))
