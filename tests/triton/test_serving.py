@@ -369,6 +369,35 @@ def test_generation_model_speaks_tensorrtllm_names(triton_server, offline, token
     assert out["output_ids"][0, 0, :n].tolist() == prompt_ids + gen_ids
 
 
+def test_generation_takes_a_prompt_embedding_table_like_tensorrtllm_backend(triton_server, tokenizer):
+    """Prompt tuning over the wire: `prompt_embedding_table` [1, rows, hidden] FP16 and
+    `prompt_vocab_size`; prompt ids vocab_size + i read row i. Equals ModelRunner with the table
+    (fp16 values), and a bad table gets an error naming the input."""
+    runner = ModelRunner.from_dir(triton_server.model_dir, device="cpu")
+    V, H = runner.vocab_size, runner.hidden_size
+    table = np.random.default_rng(0).standard_normal((1, 4, H)).astype(np.float16)
+    prompt = [V + 2, V, V + 3] + tokenizer.encode(PROMPTS[0])
+    ref = runner.generate([torch.tensor(prompt)], max_new_tokens=8, end_id=-1, pad_id=0,
+                          prompt_table=torch.from_numpy(table.astype(np.float32)))[0, 0, len(prompt):len(prompt) + 8]
+    ref = ref.tolist()
+    base = [tensor("input_ids", np.array([prompt], np.int32), np.int32), tensor("input_lengths", len(prompt), np.int32),
+            tensor("request_output_len", 8, np.int32), tensor("end_id", -1, np.int32),
+            tensor("exclude_input_in_output", True, np.bool_)]
+
+    def send(*extra):
+        return grpc_stream(triton_server.grpc_url, "generation", base + list(extra))
+
+    res = send(tensor("prompt_embedding_table", table, np.float16))
+    assert res.error is None and res.num_final == 1
+    out = res.responses[0]
+    assert out["output_ids"][0, 0, :int(out["sequence_length"][0, 0])].tolist() == ref
+    # prompt_vocab_size 3 leaves row 3 out: the prompt's id V + 3 is then outside the table.
+    res = send(tensor("prompt_embedding_table", table, np.float16), tensor("prompt_vocab_size", 3, np.int32))
+    assert res.error is not None and "prompt_embedding_table" in str(res.error)
+    res = send(tensor("prompt_embedding_table", np.zeros((1, 4, H + 1), np.float16), np.float16))
+    assert res.error is not None and "prompt_embedding_table" in str(res.error)
+
+
 def test_preprocessing_and_postprocessing_roundtrip(triton_server, tokenizer):
     import tritonclient.http as httpclient
     from tritonclient.utils import np_to_triton_dtype

@@ -60,8 +60,8 @@ _FORWARDED: list[tuple[tuple[str, ...], str, str, Any, dict[str, Any]]] = [
 _UNSUPPORTED = {
     "return_context_logits": "this engine does not return context logits",
     "return_generation_logits": "this engine does not return generation logits",
-    "prompt_embedding_table": "this engine has no prompt tuning",
-    "prompt_vocab_size": "this engine has no prompt tuning",
+    "prompt_embedding_table": "prompt tuning needs virtual token ids: send input_ids to the generation model",
+    "prompt_vocab_size": "prompt tuning needs virtual token ids: send input_ids to the generation model",
     "lora_task_id": "this engine has no LoRA support",
     "lora_weights": "this engine has no LoRA support",
     "lora_config": "this engine has no LoRA support",

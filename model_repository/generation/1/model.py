@@ -42,8 +42,6 @@ _UNSUPPORTED = {
     "return_context_logits": "this engine does not return context logits",
     "return_generation_logits": "this engine does not return generation logits",
     "embedding_bias": "this engine has no embedding bias",
-    "prompt_embedding_table": "this engine has no prompt tuning",
-    "prompt_vocab_size": "this engine has no prompt tuning",
     "lora_task_id": "this engine has no LoRA support",
     "lora_weights": "this engine has no LoRA support",
     "lora_config": "this engine has no LoRA support",
@@ -189,8 +187,9 @@ class TritonPythonModel:
                 self._by_request_id.setdefault(request_id, []).append(call)
         added: list[str] = []
         try:
-            for (engine_id, row), sampling in zip(call.rows.items(), plan["samplings"]):
-                self.engine.add_request(engine_id, row.prompt_ids, sampling, on_output=self._on_output)
+            for (engine_id, row), sampling, table in zip(call.rows.items(), plan["samplings"], plan["prompt_tables"]):
+                self.engine.add_request(engine_id, row.prompt_ids, sampling, on_output=self._on_output,
+                                        prompt_table=table)
                 added.append(engine_id)
         except BaseException:
             for engine_id in added:
@@ -260,6 +259,7 @@ class TritonPythonModel:
             except ValueError as e:
                 raise InputError(str(e)) from None
         return {"prompts": prompts, "samplings": samplings, "end_id": end_ids[0],
+                "prompt_tables": _prompt_tables(inputs, batch),
                     "streaming": bool(inputs.scalar("streaming", "bool", False)[0]),
                     "exclude_input": bool(inputs.scalar("exclude_input_in_output", "bool", False)[0])}
 
@@ -456,6 +456,26 @@ def _is_cancelled(call: _Call) -> bool:
     # (measured: the server segfaults in TRITONBACKEND_ResponseFactoryIsCancelled).
     with call.lock:
         return not call.final_sent and call.request.is_cancelled()
+
+
+def _prompt_tables(inputs: RequestInputs, batch: int) -> list[Any]:
+    """Each row's prompt tuning table (rows, hidden) or None: `prompt_embedding_table`
+    [batch, rows, hidden] (one row broadcasts), its first `prompt_vocab_size` rows (default: all).
+    Prompt ids vocab_size + i read row i; the engine checks the hidden size and the ids."""
+    arr = inputs.array("prompt_embedding_table")
+    if arr is None:
+        if inputs.array("prompt_vocab_size") is not None:
+            raise InputError("prompt_vocab_size needs a prompt_embedding_table")
+        return [None] * batch
+    if arr.dtype.kind != "f":
+        raise InputError(f"prompt_embedding_table must be FP16 or FP32, got {arr.dtype}")
+    if arr.ndim == 2:
+        arr = arr[None]
+    if arr.ndim != 3 or arr.shape[0] not in (1, batch) or 0 in arr.shape:
+        raise InputError(f"prompt_embedding_table must have shape [batch, rows, hidden], got {list(arr.shape)}")
+    rows = inputs.scalar("prompt_vocab_size", "int", arr.shape[1], batch, lo=1, hi=arr.shape[1])
+    return [np.ascontiguousarray(arr[b if arr.shape[0] > 1 else 0, :rows[b]], dtype=np.float32)
+            for b in range(batch)]
 
 
 def _word_list(name: str, arr: Any, row: int, batch: int) -> list[list[int]] | None:
