@@ -42,9 +42,8 @@ class BeamGroup:
         scfg = sampling.copy()
         scfg.update(return_dict=True, output_sequence_lengths=True, output_cum_log_probs=True,
                     output_log_probs=True)
-        ptuning = {} if prompt_table is None else {"prompt_embedding_table": prompt_table,
-                                                     "prompt_vocab_size": torch.tensor([prompt_table.shape[0]])}
-        steps = gen.decode(torch.tensor(prompt), torch.tensor([len(prompt)]), scfg, streaming=True, **ptuning)
+        steps = gen.decode(torch.tensor(prompt), torch.tensor([len(prompt)]), scfg, streaming=True,
+                           prompt_embedding_table=prompt_table)  # one task: all its rows
         return cls(request_id, len(prompt), steps, on_output, sampling.num_return_sequences or 1,
                    sampling.end_id, tokenizer)
 

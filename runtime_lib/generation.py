@@ -183,8 +183,6 @@ class GenerationSession:
         prompt_inputs = None
         if prompt_embedding_table is not None or tasks is not None or prompt_vocab_size is not None:
             prompt_inputs = self._prompt_inputs(prompts, prompt_embedding_table, tasks, prompt_vocab_size)
-        else:
-            self._check_token_ids(prompts, self.vocab_size)
         plan = _DecodePlan(self.batch_size, self.max_new_tokens, self.beam_width, self.max_blocks_per_seq,
                            self._kv_cache, prompt_inputs)
         kwargs = dict(plan=plan, output_sequence_lengths=output_sequence_lengths or scfg.output_sequence_lengths,
@@ -221,17 +219,15 @@ class GenerationSession:
         bad = [t for t in task_ids if not 0 <= t < num_tasks]
         if bad:
             raise ValueError(f"tasks must be in [0, {num_tasks}) (the table's tasks), got {bad[:5]}")
-        self._check_token_ids(prompts, self.vocab_size + vocab)
-        per_token = torch.tensor([t for t, p in zip(task_ids, prompts) for _ in p], dtype=torch.int32)
-        return {"prompt_embedding_table": table.to(self.device, self.model_config.torch_dtype),
-                "tasks": per_token.to(self.device), "prompt_vocab_size": torch.tensor([vocab], dtype=torch.int32)}
-
-    @staticmethod
-    def _check_token_ids(prompts: list[list[int]], limit: int) -> None:
+        # The lookup clamps rows, so an id past the table would read a wrong row silently.
+        limit = self.vocab_size + vocab
         for b, p in enumerate(prompts):
             bad = [t for t in p if not 0 <= t < limit]
             if bad:
                 raise ValueError(f"prompt {b} has token ids {bad[:5]} outside [0, {limit})")
+        per_token = torch.tensor([t for t, p in zip(task_ids, prompts) for _ in p], dtype=torch.int32)
+        return {"prompt_embedding_table": table.to(self.device, self.model_config.torch_dtype),
+                "tasks": per_token.to(self.device), "prompt_vocab_size": torch.tensor([vocab], dtype=torch.int32)}
 
     def _check_idle(self, what: str) -> None:
         if self._decoding:
