@@ -6,6 +6,7 @@ One command, from the repository root, on a CUDA machine:
     python3 bench/gpu_kernels.py --sections sweep     # launch-parameter search for both kernels
     python3 bench/gpu_kernels.py --quick              # fewer shapes (smoke run)
     python3 bench/gpu_kernels.py --sections offline   # big-batch decode knobs + cuBLAS GEMMs by row count
+    python3 bench/gpu_kernels.py --sections gemm      # 8B projections: bf16 cuBLAS vs FP8 _scaled_mm by rows
 
 Shapes are Llama-3.1-8B attention (32 query heads, 8 KV heads, head 128, bf16). Decode compares
 the Triton split-K kernel, the torch reference (gather the paged cache + SDPA) and SDPA over a
@@ -92,6 +93,7 @@ class Report:
     graph_bound: list[dict] = field(default_factory=list)
     gemm: list[dict] = field(default_factory=list)
     fp8: list[dict] = field(default_factory=list)
+    fp8_gemm: list[dict] = field(default_factory=list)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -506,6 +508,40 @@ def run_fp8_shapes(report: Report) -> None:
     torch.cuda.empty_cache()
 
 
+def run_fp8_gemm(report: Report) -> None:
+    """The 8B projections (32 layers' worth) by row count: bf16 cuBLAS against FP8 weights
+    (layers/fp8_linear.py): `_scaled_mm` alone, and the whole `Fp8Linear` (per-token activation
+    quantization + GEMM) compiled as the engine compiles it. Graph replay, µs per layer set."""
+    from runtime_lib.layers.fp8_linear import Fp8Linear, quantize_rows, quantize_weight
+
+    shapes_nk = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
+    print("\nbf16 cuBLAS vs FP8 (8B projections, one layer), graph replay")
+    for m in (1, 16, 192, 256, 512, 1024, 8192):
+        row = {"rows": m, "bf16_us": 0.0, "fp8_mm_us": 0.0, "fp8_linear_us": 0.0}
+        for n, k in shapes_nk.values():
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+            wq, ws = quantize_weight(w)
+            xq, xs = quantize_rows(x)
+            lin = Fp8Linear(k, n).cuda()
+            lin.weight.copy_(wq)
+            lin.weight_scale.copy_(ws)
+            torch.compiler.reset()  # one compile per shape, not a recompile (8 of those fall back to eager)
+            fwd = torch.compile(lin.forward, dynamic=False)
+            row["bf16_us"] += graph_us(lambda x=x, w=w: torch.mm(x, w.t()))
+            row["fp8_mm_us"] += graph_us(functools.partial(
+                torch._scaled_mm, xq, wq.t(), scale_a=xs, scale_b=ws.view(1, -1), out_dtype=torch.bfloat16))
+            row["fp8_linear_us"] += graph_us(functools.partial(fwd, x))
+        flops = 2 * m * sum(n * k for n, k in shapes_nk.values())
+        row["bf16_tflops"] = flops / row["bf16_us"] / 1e6
+        row["fp8_linear_tflops"] = flops / row["fp8_linear_us"] / 1e6
+        report.fp8_gemm.append(row)
+        print(f"  M={m:5d} bf16 {row['bf16_us']:8.1f} us ({row['bf16_tflops']:4.0f} TF/s)  fp8 mm "
+              f"{row['fp8_mm_us']:8.1f}  fp8 linear {row['fp8_linear_us']:8.1f} us ({row['fp8_linear_tflops']:4.0f} "
+              f"TF/s)  {row['bf16_us'] / row['fp8_linear_us']:.2f}x")
+    torch.cuda.empty_cache()
+
+
 # ----------------------------------------------------------------------------- output
 
 def markdown(report: Report) -> str:
@@ -546,6 +582,13 @@ def markdown(report: Report) -> str:
                   "| shape | KV | µs | KV GB/s | % of copy |", "|---|---|---|---|---|"]
         lines += [f"| {r['shape']} | {r['kv']} | {r['us']:.1f} | {r['kv_gbps']:.0f} | "
                   f"{100 * r['kv_gbps'] / report.copy_gbps:.1f}% |" for r in report.fp8]
+    if report.fp8_gemm:
+        lines += ["", "## Llama-3.1-8B projections of one layer: bf16 cuBLAS vs FP8 weights — µs, graph replay", "",
+                  "| rows | bf16 | FP8 `_scaled_mm` | FP8 linear (quantize x + GEMM, compiled) | speedup |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {r['rows']} | {r['bf16_us']:.1f} ({r['bf16_tflops']:.0f} TFLOP/s) | {r['fp8_mm_us']:.1f} | "
+                  f"{r['fp8_linear_us']:.1f} ({r['fp8_linear_tflops']:.0f} TFLOP/s) | "
+                  f"{r['bf16_us'] / r['fp8_linear_us']:.2f}x |" for r in report.fp8_gemm]
     if report.sweep:
         lines += ["", "## Launch sweeps: top configs by geometric-mean slowdown vs each shape's best", ""]
         for s in report.sweep:
@@ -560,7 +603,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer shapes")
     parser.add_argument("--sections", default="checks,decode,prefill",
-                        help="comma list of checks,decode,prefill,sweep,graphbound,offline,fp8 (sweep: launch-parameter "
+                        help="comma list of checks,decode,prefill,sweep,graphbound,offline,fp8,gemm (sweep: launch-parameter "
                              "search; graphbound: decode in a graph captured for 128k tokens; offline: decode "
                              "knobs and cuBLAS GEMMs at the offline benchmarks' batches)")
     args = parser.parse_args()
@@ -595,6 +638,8 @@ def main() -> int:
         run_offline_shapes(report)
     if "fp8" in sections:
         run_fp8_shapes(report)
+    if "gemm" in sections:
+        run_fp8_gemm(report)
 
     tag = "" if sections == {"checks", "decode", "prefill"} else "-" + "-".join(sorted(sections))
     stem = results_stem("gpu_kernels", report.device, report.date, tag)

@@ -2,7 +2,7 @@
 
     python -m runtime_lib.build --checkpoint <hf_dir> --output <engine_dir> [--dtype bf16]
         [--max-batch-size N] [--max-input-len N] [--max-seq-len N] [--tokens-per-block N] [--tp-size 1]
-        [--kv-cache-dtype fp8]
+        [--kv-cache-dtype fp8] [--quantization fp8]
 
 An engine directory holds `config.json` ({"runtime_lib_version", "model_config", "build_config"}),
 `rank0.safetensors` (weights already in our names: fused, transposed, cast) and the tokenizer
@@ -20,8 +20,8 @@ from typing import Any
 
 import torch
 
-from .config import KV_CACHE_DTYPES, ModelConfig, str_dtype_to_torch, torch_dtype_to_str
-from .models import ENGINE_WEIGHTS_FILE, convert_checkpoint, is_engine_dir, read_engine_weights
+from .config import KV_CACHE_DTYPES, QUANTIZATIONS, ModelConfig, str_dtype_to_torch, torch_dtype_to_str
+from .models import ENGINE_WEIGHTS_FILE, build_model, convert_checkpoint, is_engine_dir, read_engine_weights
 
 RUNTIME_LIB_VERSION = "0.1.0"
 # Build limits a caller may set; each is a ModelConfig field of the same name.
@@ -86,9 +86,11 @@ def _validate_limits(config: ModelConfig, limits: dict[str, Any]) -> dict[str, A
 
 
 def build(checkpoint_dir: str | Path, dtype: str | torch.dtype | None = None, kv_cache_dtype: str = "auto",
-          **limits: Any) -> Engine:
+          quantization: str = "none", **limits: Any) -> Engine:
     """Convert an HF checkpoint into an in-memory `Engine` (TRT-LLM's `tensorrt_llm.build`).
-    `kv_cache_dtype="fp8"`: the engine's KV cache is e4m3 (TRT-LLM's `--kv_cache_dtype fp8`)."""
+    `kv_cache_dtype="fp8"`: the engine's KV cache is e4m3 (TRT-LLM's `--kv_cache_dtype fp8`).
+    `quantization="fp8"`: the projections are stored as e4m3 with per-channel scales, half the
+    bytes (TRT-LLM's FP8 `quant_algo`; layers/fp8_linear.py)."""
     checkpoint_dir = Path(checkpoint_dir)
     if not (checkpoint_dir / "config.json").is_file():
         raise ValueError(f"checkpoint {str(checkpoint_dir)!r} is not a checkpoint directory (no config.json)")
@@ -99,22 +101,29 @@ def build(checkpoint_dir: str | Path, dtype: str | torch.dtype | None = None, kv
     limits = _validate_limits(hf_config, limits)
     if kv_cache_dtype not in KV_CACHE_DTYPES:
         raise ValueError(f"kv_cache_dtype must be one of {list(KV_CACHE_DTYPES)}, got {kv_cache_dtype!r}")
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"quantization must be one of {list(QUANTIZATIONS)}, got {quantization!r}")
     config = dataclasses.replace(hf_config, dtype=torch_dtype_to_str(torch_dtype), kv_cache_dtype=kv_cache_dtype,
-                                 **limits)
-    weights = {name: t.to(torch_dtype).contiguous() for name, t in convert_checkpoint(checkpoint_dir, config)}
+                                 quantization=quantization, **limits)
+    if quantization == "none":
+        weights = {name: t.to(torch_dtype).contiguous() for name, t in convert_checkpoint(checkpoint_dir, config)}
+    else:  # the loader quantizes as it assigns; its state dict is what an FP8 engine stores
+        model = build_model(config, convert_checkpoint(checkpoint_dir, config), dtype=torch_dtype)
+        weights = {name: t.contiguous() for name, t in model.state_dict().items()}
     build_config = {name: getattr(config, name) for name in BUILD_LIMITS}
     return Engine({"runtime_lib_version": RUNTIME_LIB_VERSION, "model_config": config.to_dict(),
-                   "build_config": {**build_config, "dtype": config.dtype, "kv_cache_dtype": kv_cache_dtype}},
+                   "build_config": {**build_config, "dtype": config.dtype, "kv_cache_dtype": kv_cache_dtype,
+                                    "quantization": quantization}},
                   weights)
 
 
 def build_engine(checkpoint_dir: str | Path, output_dir: str | Path, dtype: str | torch.dtype | None = None,
-                 kv_cache_dtype: str = "auto", **limits: Any) -> Path:
+                 kv_cache_dtype: str = "auto", quantization: str = "none", **limits: Any) -> Path:
     """Build and write an engine directory (config.json, rank0.safetensors, tokenizer files)."""
     checkpoint_dir = Path(checkpoint_dir)
     if not checkpoint_dir.is_dir():
         raise ValueError(f"checkpoint {str(checkpoint_dir)!r} does not exist or is not a directory")
-    engine = build(checkpoint_dir, dtype, kv_cache_dtype, **limits)
+    engine = build(checkpoint_dir, dtype, kv_cache_dtype, quantization, **limits)
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     for name in TOKENIZER_FILES:
@@ -133,10 +142,13 @@ def main(argv: list[str] | None = None) -> None:
         ap.add_argument("--" + name.replace("_", "-"), type=int, default=None)
     ap.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES,
                     help="auto: the weights' dtype; fp8: an e4m3 KV cache (scale 1, half the bytes)")
+    ap.add_argument("--quantization", default="none", choices=QUANTIZATIONS,
+                    help="fp8: e4m3 projection weights with per-channel scales, per-token activation scales")
     args = ap.parse_args(argv)
     limits = {name: getattr(args, name) for name in BUILD_LIMITS}
     try:
-        out = build_engine(args.checkpoint, args.output, args.dtype, args.kv_cache_dtype, **limits)
+        out = build_engine(args.checkpoint, args.output, args.dtype, args.kv_cache_dtype, args.quantization,
+                           **limits)
     except ValueError as exc:
         ap.error(str(exc))
     cfg = json.loads((out / "config.json").read_text())

@@ -36,6 +36,11 @@ FP8_KV_DTYPE = torch.float8_e4m3fn
 FP8_KV_MAX = 448.0
 
 
+# Weight quantization of the decoder's projections (layers/fp8_linear.py): "fp8" stores them as
+# e4m3 with a scale per output channel and quantizes each token's activations on the fly.
+QUANTIZATIONS = ("none", "fp8")
+
+
 def kv_cache_torch_dtype(kv_cache_dtype: str | torch.dtype | None, model_dtype: torch.dtype) -> torch.dtype:
     """The KV pool's torch dtype: None / "auto" -> `model_dtype`, "fp8" -> float8_e4m3fn, or any
     model dtype ('bf16', torch.float16, ...)."""
@@ -101,6 +106,7 @@ class ModelConfig:
     gather_generation_logits: bool = False
     tp_size: int = 1
     kv_cache_dtype: str = "auto"  # "auto" (= dtype) | "fp8": the KV pool's element type (see KV_CACHE_DTYPES)
+    quantization: str = "none"    # "none" | "fp8": the projections' weights (see QUANTIZATIONS)
 
     def __post_init__(self) -> None:
         if self.architecture not in SUPPORTED_ARCHITECTURES:
@@ -118,6 +124,8 @@ class ModelConfig:
         self.dtype = torch_dtype_to_str(str_dtype_to_torch(self.dtype))
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"kv_cache_dtype must be one of {list(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}")
+        if self.quantization not in QUANTIZATIONS:
+            raise ValueError(f"quantization must be one of {list(QUANTIZATIONS)}, got {self.quantization!r}")
         if self.max_seq_len is None:
             self.max_seq_len = self.max_position_embeddings
         if self.max_input_len is None:

@@ -94,7 +94,8 @@ class LLMEngine:
     def __init__(self, config: EngineConfig, session: Session | None = None) -> None:
         self.config = config
         device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.session = session or Session.from_dir(config.model_dir, device=device, dtype=config.dtype)
+        self.session = session or Session.from_dir(config.model_dir, device=device, dtype=config.dtype,
+                                                    quantization=config.quantization)
         self.model_config = mc = self.session.model_config
         self.device = self.session.device
         self.max_seq_len = min(config.max_seq_len or mc.max_seq_len, mc.max_seq_len)

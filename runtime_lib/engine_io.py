@@ -6,7 +6,7 @@ import queue
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from .config import KV_CACHE_DTYPES
+from .config import KV_CACHE_DTYPES, QUANTIZATIONS
 
 
 class EngineBusyError(RuntimeError):
@@ -25,6 +25,8 @@ class EngineConfig:
     kv_cache_memory_fraction: float = 0.9     # of free GPU memory (CPU: of max_num_seqs x max_seq_len)
     kv_cache_dtype: str = "auto"              # "auto": the engine's (its dtype, or fp8 if built so); "fp8": e4m3,
                                               # scale 1 (half the bytes of bf16)
+    quantization: str = "auto"                # "auto": the engine's (none, or fp8 if built so); "fp8": e4m3
+                                              # weights, per-channel scales, per-token activations
     enable_prefix_caching: bool = True
     max_queue_size: int = 1024
     max_seq_len: int | None = None            # None: the model's limit
@@ -48,6 +50,8 @@ class EngineConfig:
             raise ValueError(f"kv_cache_memory_fraction must be in (0, 1], got {self.kv_cache_memory_fraction}")
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"kv_cache_dtype must be one of {list(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}")
+        if self.quantization not in ("auto",) + QUANTIZATIONS:
+            raise ValueError(f"quantization must be one of {['auto', *QUANTIZATIONS]}, got {self.quantization!r}")
         if self.scheduling_policy not in ("fcfs", "priority"):
             raise ValueError(f"scheduling_policy must be 'fcfs' or 'priority', got {self.scheduling_policy!r}")
 

@@ -67,6 +67,8 @@ def fused_decode_unsupported_reason(model: nn.Module) -> str | None:
         return f"head_size {head_size} is not a power of two in 16..256"
     if model.embed_tokens.weight.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         return f"dtype {model.embed_tokens.weight.dtype} is not fp16/bf16/fp32"
+    if model.config.quantization != "none":
+        return f"quantization {model.config.quantization!r} (the fused step reads unquantized weights)"
     return None
 
 

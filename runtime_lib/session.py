@@ -111,24 +111,26 @@ class Session:
     # --- construction -----------------------------------------------------------------------
     @classmethod
     def from_engine(cls, engine: Any, device: str | torch.device = "cpu",
-                    dtype: str | torch.dtype | None = None) -> Session:
-        """`engine`: an engine directory (runtime_lib.build) or an in-memory `build.Engine`."""
+                    dtype: str | torch.dtype | None = None, quantization: str | None = None) -> Session:
+        """`engine`: an engine directory (runtime_lib.build) or an in-memory `build.Engine`.
+        `quantization`: None / "auto" (the engine's) or "fp8" (config.QUANTIZATIONS)."""
         from .build import Engine
 
         if isinstance(engine, Engine):
-            model = build_model(engine.model_config, engine.weights, device=device, dtype=dtype)
+            model = build_model(engine.model_config, engine.weights, device=device, dtype=dtype,
+                                quantization=quantization)
             return cls(TorchBackend(model), model.config, engine.build_config)
         engine_dir = Path(engine)
         if not is_engine_dir(engine_dir):
             raise ValueError(f"{engine_dir} is not an engine directory; build one with "
                              f"`python -m runtime_lib.build` or use Session.from_dir")
-        return cls.from_dir(engine_dir, device=device, dtype=dtype)
+        return cls.from_dir(engine_dir, device=device, dtype=dtype, quantization=quantization)
 
     @classmethod
     def from_dir(cls, model_dir: str | Path, device: str | torch.device = "cpu",
-                 dtype: str | torch.dtype | None = None) -> Session:
-        """An engine directory or a plain HF checkpoint directory."""
-        model = load_model(model_dir, device=device, dtype=dtype)
+                 dtype: str | torch.dtype | None = None, quantization: str | None = None) -> Session:
+        """An engine directory or a plain HF checkpoint directory; `quantization` as in from_engine."""
+        model = load_model(model_dir, device=device, dtype=dtype, quantization=quantization)
         build_config: dict[str, Any] = {}
         if is_engine_dir(model_dir):
             build_config = json.loads((Path(model_dir) / "config.json").read_text()).get("build_config", {})

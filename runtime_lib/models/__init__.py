@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig, kv_cache_torch_dtype, str_dtype_to_torch, torch_dtype_to_str
+from ..layers.fp8_linear import FP8_DTYPE, quantize_weight, swap_in_fp8_linears
 from .gpt2 import GPT2LMHeadModel
 from .llama import LlamaForCausalLM
 from .qwen2 import Qwen2ForCausalLM
@@ -55,15 +56,21 @@ def convert_checkpoint(model_dir: str | Path, config: ModelConfig) -> Iterable[t
 
 
 def build_model(config: ModelConfig, weights: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]],
-                device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None) -> nn.Module:
+                device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
+                quantization: str | None = None) -> nn.Module:
     """Instantiate the network for `config` and load `weights` (our names) strictly.
 
     The module is built on the meta device and the weights are assigned, so no random init
-    runs and a large model is never materialised twice."""
+    runs and a large model is never materialised twice. `quantization`: None / "auto" (the
+    config's) or one of `QUANTIZATIONS`; with "fp8" the projections are `Fp8Linear`s and
+    unquantized weights are quantized as they load, while an FP8 engine's are taken as stored."""
     torch_dtype = str_dtype_to_torch(dtype) if dtype is not None else config.torch_dtype
-    config = dataclasses.replace(config, dtype=torch_dtype_to_str(torch_dtype))
+    quant = {} if quantization in (None, "auto") else {"quantization": quantization}
+    config = dataclasses.replace(config, dtype=torch_dtype_to_str(torch_dtype), **quant)
     with torch.device("meta"):
         model = get_model_class(config)(config)
+        if config.quantization == "fp8":
+            swap_in_fp8_linears(model, cuda=torch.device(device).type == "cuda")
     expected = model.state_dict()
     items = weights.items() if isinstance(weights, Mapping) else weights
     state: dict[str, torch.Tensor] = {}
@@ -75,7 +82,16 @@ def build_model(config: ModelConfig, weights: Mapping[str, torch.Tensor] | Itera
         if tuple(tensor.shape) != tuple(expected[name].shape):
             raise ValueError(f"weight {name!r} has shape {tuple(tensor.shape)}, "
                              f"expected {tuple(expected[name].shape)}")
-        state[name] = tensor.to(device=device, dtype=torch_dtype)
+        want = expected[name].dtype
+        if want == FP8_DTYPE and tensor.dtype != FP8_DTYPE:
+            state[name], state[name + "_scale"] = quantize_weight(tensor.to(device))
+        elif want == FP8_DTYPE or name.endswith(".weight_scale"):
+            state[name] = tensor.to(device=device, dtype=want)
+        elif tensor.dtype == FP8_DTYPE:
+            raise ValueError(f"weight {name!r} is FP8 (an engine built with --quantization fp8): load it with "
+                             f"quantization 'auto' or 'fp8', not {config.quantization!r}")
+        else:
+            state[name] = tensor.to(device=device, dtype=torch_dtype)
     missing = sorted(set(expected) - set(state))
     if missing or unexpected:
         parts = ([f"missing weights {missing}"] if missing else []) + \
@@ -88,9 +104,10 @@ def build_model(config: ModelConfig, weights: Mapping[str, torch.Tensor] | Itera
 
 
 def load_model(model_dir: str | Path, config: ModelConfig | None = None, device: str | torch.device = "cpu",
-               dtype: str | torch.dtype | None = None) -> nn.Module:
+               dtype: str | torch.dtype | None = None, quantization: str | None = None) -> nn.Module:
     """Load an HF checkpoint directory or an engine directory (runtime_lib.build) into our network.
-    `dtype` defaults to `config.dtype`; the returned module's `.config` carries the dtype used."""
+    `dtype` and `quantization` default to the config's; the returned module's `.config` carries
+    the ones used."""
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise ValueError(f"model_dir {str(model_dir)!r} is not a directory")
@@ -99,7 +116,7 @@ def load_model(model_dir: str | Path, config: ModelConfig | None = None, device:
         weights: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]] = read_engine_weights(model_dir)
     else:
         weights = convert_checkpoint(model_dir, config)
-    return build_model(config, weights, device=device, dtype=dtype)
+    return build_model(config, weights, device=device, dtype=dtype, quantization=quantization)
 
 
 def allocate_kv_cache(config: ModelConfig, num_blocks: int, block_size: int,
