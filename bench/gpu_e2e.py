@@ -134,9 +134,11 @@ class StateDictCheckpoint:
 
 
 def build_models(name: str) -> tuple[Any, Session, ModelConfig]:
+    """`name`: a SHAPES key, optionally with "-fp8" (our model gets FP8 weights; HF's stays bf16)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    shape = dict(SHAPES[name])
+    base, _, quant = name.partition("-")
+    shape = dict(SHAPES[base])
     factor = shape.pop("rope_factor")
     hf_cfg = LlamaConfig(**shape, max_position_embeddings=16384, rms_norm_eps=1e-5, bos_token_id=128000,
                          eos_token_id=128001, rope_parameters={
@@ -153,11 +155,11 @@ def build_models(name: str) -> tuple[Any, Session, ModelConfig]:
         torch.set_default_dtype(prev)
     hf.eval().requires_grad_(False)
     hf.generation_config.pad_token_id = 0
-    session, mc = session_from_hf(hf, "bfloat16")
+    session, mc = session_from_hf(hf, "bfloat16", quant or "none")
     return hf, session, mc
 
 
-def session_from_hf(hf, dtype: str) -> tuple[Session, ModelConfig]:
+def session_from_hf(hf, dtype: str, quantization: str = "none") -> tuple[Session, ModelConfig]:
     """Our model on HF's weights (its state dict through the strict HF weight map)."""
     raw = hf.config.to_dict()
     raw["architectures"] = ["LlamaForCausalLM"]
@@ -166,7 +168,7 @@ def session_from_hf(hf, dtype: str) -> tuple[Session, ModelConfig]:
     ckpt = StateDictCheckpoint({k: v for k, v in hf.state_dict().items()})
     weights = convert_hf_weights(ckpt, OurLlama.hf_weight_map(mc), normalize=OurLlama.hf_name_normalizer(ckpt.names()),
                                  ignored=OurLlama.hf_ignored_weights(mc))
-    model = build_model(mc, weights, device=DEVICE, dtype=mc.torch_dtype)
+    model = build_model(mc, weights, device=DEVICE, dtype=mc.torch_dtype, quantization=quantization)
     return Session(TorchBackend(model), model.config), mc
 
 
@@ -229,8 +231,9 @@ def decode_ms_per_token(gen, new_tokens: int, repeats: int = 3) -> float:
     return (tn - t1) / new_tokens * 1e3
 
 
-def weight_bytes(hf) -> int:
-    return sum(p.numel() * p.element_size() for p in hf.parameters())  # tied embeddings once
+def our_weight_bytes(session: Session) -> int:
+    """What one step of our model reads: its state dict (FP8 projections count 1 byte a value)."""
+    return sum(t.numel() * t.element_size() for t in session.model.state_dict().values())
 
 
 def kv_bytes_per_token(mc: ModelConfig) -> int:
@@ -248,7 +251,7 @@ def section_bs1(name: str, hf, session: Session, mc: ModelConfig, res: dict, arg
     prompt = random_prompts(1, 128, mc.vocab_size, seed=1)
     n = args.bs1_tokens
     bw = res["copy_bandwidth_gbps"]
-    step_bytes = weight_bytes(hf) + kv_bytes_per_token(mc) * (128 + n / 2)
+    step_bytes = our_weight_bytes(session) + kv_bytes_per_token(mc) * (128 + n / 2)
     roofline_ms = step_bytes / (bw * 1e9) * 1e3
     out: dict[str, Any] = {"roofline_ms": roofline_ms, "bytes_per_step": step_bytes, "new_tokens": n, "rows": {}}
     res["bs1"] = out
@@ -855,7 +858,7 @@ def markdown(report: dict) -> str:
         if "bs1" in res:
             b = res["bs1"]
             lines += [(f"### bs1 decode (128-token prompt, {b['new_tokens']} new tokens); roofline "
-                      f"{b['roofline_ms']:.3f} ms/token; target {TARGETS[name]['bs1_pct_roofline']:.0f}%"), "",
+                      f"{b['roofline_ms']:.3f} ms/token; target {TARGETS[name.partition('-')[0]]['bs1_pct_roofline']:.0f}%"), "",
                       "| implementation | ms/token | % of roofline | graph replay ms | host ms/step |",
                       "|---|---|---|---|---|"]
             for label, row in b["rows"].items():
@@ -964,7 +967,7 @@ def plot(report: dict, path: Path) -> bool:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", default="1b,8b")
+    ap.add_argument("--models", default="1b,8b", help="of 1b, 8b; a -fp8 suffix (8b-fp8) gives our model FP8 weights")
     ap.add_argument("--sections", default="correctness,bs1,offline,latency")
     ap.add_argument("--compile", action="store_true", help="also measure the torch.compiled decode step")
     ap.add_argument("--compile-correctness", action="store_true",
@@ -1040,7 +1043,7 @@ def main() -> int:
         hf, session, mc = build_models(name)
         res: dict[str, Any] = {"copy_bandwidth_gbps": copy_bandwidth_gbps(), "errors": []}
         report["models"][name] = res
-        log(f"{name}: {weight_bytes(hf) / 1e9:.2f} GB of weights, copy bandwidth {res['copy_bandwidth_gbps']:,.0f} GB/s")
+        log(f"{name}: {our_weight_bytes(session) / 1e9:.2f} GB of weights, copy bandwidth {res['copy_bandwidth_gbps']:,.0f} GB/s")
         for s in sections:
             if time.perf_counter() - t_start > args.budget_s:
                 res["errors"].append(f"{s}: skipped, past the {args.budget_s:.0f} s budget")

@@ -26,8 +26,6 @@ the decode forward with this when `Session.fused_decode` is on and the model is 
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -67,8 +65,6 @@ def fused_decode_unsupported_reason(model: nn.Module) -> str | None:
         return f"head_size {head_size} is not a power of two in 16..256"
     if model.embed_tokens.weight.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         return f"dtype {model.embed_tokens.weight.dtype} is not fp16/bf16/fp32"
-    if model.config.quantization != "none":
-        return f"quantization {model.config.quantization!r} (the fused step reads unquantized weights)"
     return None
 
 
@@ -87,7 +83,10 @@ def llama_fused_decode_forward(model: nn.Module, input_ids: torch.Tensor, positi
     B = input_ids.shape[0]
     # Each kernel starts streaming its weights while the previous one finishes (kernels/pdl.py).
     pdl = pdl_enabled(input_ids.device)
-    linear = functools.partial(small_linear, pdl=pdl)
+    def linear(x, proj, **kw):  # an FP8 projection brings its per-channel scales
+        return small_linear(x, proj.weight, bias=proj.bias, weight_scale=getattr(proj, "weight_scale", None),
+                            pdl=pdl, **kw)
+
     x = model.embed_tokens(input_ids)                                                 # (B, H)
     for i, layer in enumerate(model.layers):
         attn, mlp = layer.self_attn, layer.mlp
@@ -95,7 +94,8 @@ def llama_fused_decode_forward(model: nn.Module, input_ids: torch.Tensor, positi
         norm = layer.input_layernorm
         rope = (positions, attn.rotary.cos_cache, attn.rotary.sin_cache, kv_layer, meta.slot_mapping,
                 attn.num_heads, attn.num_kv_heads)
-        one_launch = B == 1 and attn.qkv_proj.weight.nbytes <= QKV_ONE_LAUNCH_MAX_BYTES
+        one_launch = (B == 1 and attn.qkv_proj.weight.nbytes <= QKV_ONE_LAUNCH_MAX_BYTES
+                      and attn.qkv_proj.weight.dtype == x.dtype)    # the one-launch kernels take no FP8
         if one_launch and meta.max_context_len <= FUSED_ATTENTION_MAX_CONTEXT:  # + the attention
             spec = DecodeAttention(meta.block_tables, meta.context_lens, attn.scale, attn.sliding_window)
             out = qkv_rope_kv_attention(x, attn.qkv_proj.weight, norm.weight, norm.eps, *rope, spec,
@@ -105,22 +105,21 @@ def llama_fused_decode_forward(model: nn.Module, input_ids: torch.Tensor, positi
                 q = qkv_rope_kv(x, attn.qkv_proj.weight, norm.weight, norm.eps, *rope, bias=attn.qkv_proj.bias,
                                 pdl=pdl)                                                      # (1, h, d)
             else:
-                qkv = linear(x, attn.qkv_proj.weight, bias=attn.qkv_proj.bias, prologue="rmsnorm",
-                             norm_weight=norm.weight, eps=norm.eps)
+                qkv = linear(x, attn.qkv_proj, prologue="rmsnorm", norm_weight=norm.weight, eps=norm.eps)
                 q = rope_kv_write(qkv, *rope, pdl=pdl)                                        # (B, h, d)
             out = paged_decode_attention(q, kv_layer, meta.block_tables, meta.context_lens, attn.scale,
                                          attn.sliding_window, meta.max_context_len, pdl=pdl)  # (B, h, d)
-        x = linear(out.view(B, attn.q_size), attn.o_proj.weight, bias=attn.o_proj.bias, residual=x)
-        gate_up = linear(x, mlp.gate_up_proj.weight, prologue="rmsnorm",
+        x = linear(out.view(B, attn.q_size), attn.o_proj, residual=x)
+        gate_up = linear(x, mlp.gate_up_proj, prologue="rmsnorm",
                          norm_weight=layer.post_attention_layernorm.weight,
                          eps=layer.post_attention_layernorm.eps)                         # (B, 2I)
-        x = linear(gate_up, mlp.down_proj.weight, prologue="silu_mul", residual=x)       # (B, H)
-    lm_weight = model.embed_tokens.weight if model.lm_head is None else model.lm_head.weight
+        x = linear(gate_up, mlp.down_proj, prologue="silu_mul", residual=x)              # (B, H)
+    lm_head = model.embed_tokens if model.lm_head is None else model.lm_head
     # One row with one logits row: the index can only be 0; skipping the gather keeps the lm_head
     # in the dependent-launch chain (one launch fewer).
     rows = x if B == 1 and logits_indices.shape[0] == 1 else x[logits_indices]
-    return linear(rows, lm_weight, prologue="rmsnorm", norm_weight=model.norm.weight,
-                  eps=model.norm.eps, out_dtype=torch.float32)                          # (N, V)
+    return small_linear(rows, lm_head.weight, prologue="rmsnorm", norm_weight=model.norm.weight,
+                        eps=model.norm.eps, out_dtype=torch.float32, pdl=pdl)           # (N, V)
 
 
 def make_fused_decode_forward(model: nn.Module, fallback):

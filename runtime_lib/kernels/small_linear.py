@@ -11,6 +11,11 @@ adds: ~5 launches per layer) and cuBLAS's split-K reduce launches. Here each GEM
     matmul    y = a @ weight.T (+ bias)                                      weight: (N, K), nn.Linear's
     epilogue  y = y + residual                                               optional
 
+An FP8 (e4m3) weight comes with its per-output-channel `weight_scale` (layers/fp8_linear.py):
+the tiles are widened after the load and each column's sum is scaled once at the end, so the
+step streams half the bytes. The activations stay in the model dtype here (the batched path
+quantizes them per token): a memory-bound GEMV gains nothing from FP8 arithmetic.
+
 Every program recomputes its prologue from x (a few KB that stay in L2) instead of a launch
 writing `a` to HBM; one program owns BLOCK_N whole output columns, so there is no split-K reduce.
 Rounding: the RMSNorm is applied as a per-row scale after the dot product (the rows' sums of
@@ -46,6 +51,7 @@ from runtime_lib.kernels.rounding import interpreter_rounds_bf16, round_to
 MAX_ROWS = 16
 PROLOGUES = {"none": 0, "rmsnorm": 1, "silu_mul": 2}
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+FP8_WEIGHT_DTYPE = torch.float8_e4m3fn
 
 
 @triton.jit
@@ -71,21 +77,21 @@ def _mac_tile(acc, ss, w, x_rows, norm_w_ptr, offs_k, k_mask, m_mask, K,
     if BLOCK_M == 1:
         acc += w.to(tl.float32) * a.to(tl.float32)                                 # (BN, BK)
     else:
-        acc += mma(a.to(dt), tl.trans(w), INPUT_PRECISION, DOT_UPCAST)             # (BM, BN)
+        acc += mma(a.to(dt), tl.trans(w.to(dt)), INPUT_PRECISION, DOT_UPCAST)     # (BM, BN)
     return acc, ss
 
 
 @triton.jit
 def _small_linear_kernel(
-    x_ptr, w_ptr, out_ptr, res_ptr, norm_w_ptr, bias_ptr,
+    x_ptr, w_ptr, out_ptr, res_ptr, norm_w_ptr, bias_ptr, w_scale_ptr,
     M, N, K, stride_xm, stride_wn, stride_om, stride_rm, eps,
-    PROLOGUE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
+    PROLOGUE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, HAS_W_SCALE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr, RNE: tl.constexpr, USE_PDL: tl.constexpr,
     PREFETCH_COLS: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    dt: tl.constexpr = w_ptr.dtype.element_ty
+    dt: tl.constexpr = x_ptr.dtype.element_ty   # the activations' (an FP8 weight is widened to it)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
     offs_m = tl.arange(0, BLOCK_M)
@@ -116,6 +122,8 @@ def _small_linear_kernel(
         y = acc
     if PROLOGUE == 1:
         y = y * tl.rsqrt(ss / K + eps)[:, None]
+    if HAS_W_SCALE:
+        y = y * tl.load(w_scale_ptr + offs_n, mask=n_mask, other=0.0)[None, :]
     if HAS_BIAS:
         y = y + tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     y = round_to(y, dt, RNE)                                                       # the linear's output
@@ -166,12 +174,13 @@ def _device_name(index: int) -> str:
     return torch.cuda.get_device_name(index)
 
 
-def choose_tuning(num_rows: int, n: int, k: int, device: torch.device) -> LinearTuning:
+def choose_tuning(num_rows: int, n: int, k: int, device: torch.device, fp8: bool = False) -> LinearTuning:
     """The tuned launch shape for this device and matrix, else a heuristic. One row: 8 weight
     rows per program, so there are many programs per SM and their loads, not the one program's
-    dependency chain, keep HBM busy. Several rows: 16-row x 64-column tensor-core tiles."""
+    dependency chain, keep HBM busy. Several rows: 16-row x 64-column tensor-core tiles.
+    `fp8`: an FP8 weight; the shipped table was searched with 2-byte weights, so the heuristic."""
     m = row_class(num_rows)
-    if device.type == "cuda":
+    if device.type == "cuda" and not fp8:
         index = device.index if device.index is not None else torch.cuda.current_device()
         found = tuned(_device_name(index), f"{m},{n},{k}")
         if found is not None:
@@ -186,12 +195,14 @@ def small_linear(x: torch.Tensor, weight: torch.Tensor, *, bias: torch.Tensor | 
                  residual: torch.Tensor | None = None, prologue: str = "none",
                  norm_weight: torch.Tensor | None = None, eps: float = 1e-6,
                  out_dtype: torch.dtype | None = None, out: torch.Tensor | None = None,
-                 tuning: LinearTuning | None = None, pdl: bool = False) -> torch.Tensor:
+                 tuning: LinearTuning | None = None, pdl: bool = False,
+                 weight_scale: torch.Tensor | None = None) -> torch.Tensor:
     """y = prologue(x) @ weight.T (+ bias) (+ residual) for 1..16 rows; see the module docstring.
 
     x: (M, K), or (M, 2K) for "silu_mul" (gate then up, as the fused gate_up projection writes
-    them); weight: (N, K); bias: (N,); residual: (M, N); norm_weight: (K,) for "rmsnorm".
-    Returns (M, N) in `out_dtype` (default: weight's dtype), rounded to weight's dtype first.
+    them); weight: (N, K) in x's dtype, or e4m3 with `weight_scale` (N,) fp32; bias: (N,);
+    residual: (M, N); norm_weight: (K,) for "rmsnorm".
+    Returns (M, N) in `out_dtype` (default: x's dtype), rounded to x's dtype first.
     pdl: launch with programmatic dependent launch (kernels/pdl.py; caller checks `pdl_enabled`).
     Host-side checks only (no device sync), so the call can be captured in a CUDA graph."""
     if prologue not in PROLOGUES:
@@ -209,8 +220,14 @@ def small_linear(x: torch.Tensor, weight: torch.Tensor, *, bias: torch.Tensor | 
     if x.shape[1] != want_k:
         raise ValueError(f"x has {x.shape[1]} columns; weight {tuple(weight.shape)} with prologue "
                          f"{prologue!r} needs {want_k}")
-    if weight.dtype not in SUPPORTED_DTYPES or x.dtype != weight.dtype:
-        raise ValueError(f"x and weight must share one dtype of {SUPPORTED_DTYPES}, got {x.dtype}/{weight.dtype}")
+    if x.dtype not in SUPPORTED_DTYPES or weight.dtype not in (x.dtype, FP8_WEIGHT_DTYPE):
+        raise ValueError(f"x must be one of {SUPPORTED_DTYPES} and weight x's dtype or {FP8_WEIGHT_DTYPE}, "
+                         f"got {x.dtype}/{weight.dtype}")
+    if (weight.dtype == FP8_WEIGHT_DTYPE) != (weight_scale is not None) or (
+            weight_scale is not None and (weight_scale.shape != (n,) or weight_scale.dtype != torch.float32)):
+        got = None if weight_scale is None else (tuple(weight_scale.shape), weight_scale.dtype)
+        raise ValueError(f"an FP8 weight needs weight_scale of shape ({n},) float32 (and only an FP8 weight "
+                         f"takes one), got {got}")
     if prologue == "rmsnorm" and (norm_weight is None or norm_weight.shape != (k,)):
         raise ValueError(f"prologue 'rmsnorm' needs norm_weight of shape ({k},), got "
                          f"{None if norm_weight is None else tuple(norm_weight.shape)}")
@@ -219,26 +236,28 @@ def small_linear(x: torch.Tensor, weight: torch.Tensor, *, bias: torch.Tensor | 
     if residual is not None and (residual.shape != (m, n) or residual.stride(1) != 1):
         raise ValueError(f"residual must be ({m}, {n}) contiguous in its last dim, got {tuple(residual.shape)}")
     if out is None:
-        out = torch.empty((m, n), dtype=out_dtype or weight.dtype, device=x.device)
+        out = torch.empty((m, n), dtype=out_dtype or x.dtype, device=x.device)
     if prologue == "silu_mul" and m > 1:
         # The tensor-core path keeps its weight loads pipelined only when the activation tile
         # is a plain load; an in-loop SiLU*mul stalls it (~3.5x slower on an H100), so
         # several rows compute the activation with torch first.
         gate, up = x.split(k, dim=-1)
         x, prologue = F.silu(gate) * up, "none"
-    tuning = tuning or choose_tuning(m, n, k, x.device)
+    tuning = tuning or choose_tuning(m, n, k, x.device, weight.dtype == FP8_WEIGHT_DTYPE)
     block_m = row_class(m)
     _small_linear_kernel[(triton.cdiv(n, tuning.block_n),)](
         x, weight, out,
         residual if residual is not None else out,
         norm_weight if norm_weight is not None else weight,
         bias if bias is not None else weight,
+        weight_scale if weight_scale is not None else weight,
         m, n, k, x.stride(0), weight.stride(0), out.stride(0),
         residual.stride(0) if residual is not None else 0, eps,
         PROLOGUE=PROLOGUES[prologue], HAS_BIAS=bias is not None, HAS_RES=residual is not None,
+        HAS_W_SCALE=weight_scale is not None,
         BLOCK_M=block_m, BLOCK_N=tuning.block_n, BLOCK_K=tuning.block_k,
-        INPUT_PRECISION="ieee" if weight.dtype == torch.float32 else "tf32",
-        DOT_UPCAST=interpreter_dot_upcast(weight.dtype), RNE=interpreter_rounds_bf16(), USE_PDL=pdl,
+        INPUT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        DOT_UPCAST=interpreter_dot_upcast(x.dtype), RNE=interpreter_rounds_bf16(), USE_PDL=pdl,
         PREFETCH_COLS=prefetch_columns(tuning.block_k, weight.dtype),
         num_warps=tuning.num_warps, num_stages=tuning.num_stages, launch_pdl=pdl,
     )
@@ -248,8 +267,11 @@ def small_linear(x: torch.Tensor, weight: torch.Tensor, *, bias: torch.Tensor | 
 def small_linear_torch(x: torch.Tensor, weight: torch.Tensor, *, bias: torch.Tensor | None = None,
                        residual: torch.Tensor | None = None, prologue: str = "none",
                        norm_weight: torch.Tensor | None = None, eps: float = 1e-6,
-                       out_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """The same function from the model's eager torch ops: the reference for tests."""
+                       out_dtype: torch.dtype | None = None, weight_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """The same function from the model's eager torch ops: the reference for tests (an FP8
+    weight is dequantized to x's dtype first)."""
+    if weight_scale is not None:
+        weight = (weight.float() * weight_scale[:, None]).to(x.dtype)
     if prologue == "rmsnorm":
         xf = x.float()
         a = norm_weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
@@ -261,7 +283,7 @@ def small_linear_torch(x: torch.Tensor, weight: torch.Tensor, *, bias: torch.Ten
     y = F.linear(a, weight, bias)
     if residual is not None:
         y = residual + y
-    return y.to(out_dtype or weight.dtype)
+    return y.to(out_dtype or x.dtype)
 
 
-__all__ = ["MAX_ROWS", "LinearTuning", "choose_tuning", "small_linear", "small_linear_torch"]
+__all__ = ["MAX_ROWS", "FP8_WEIGHT_DTYPE", "LinearTuning", "choose_tuning", "small_linear", "small_linear_torch"]

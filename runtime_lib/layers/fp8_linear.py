@@ -78,5 +78,29 @@ def swap_in_fp8_linears(model: nn.Module, cuda: bool = False) -> None:
         setattr(parent, attr, Fp8Linear(old.in_features, old.out_features, old.bias is not None, old.weight.dtype))
 
 
+def dequantize_model(model: nn.Module) -> nn.Module:
+    """A copy of an FP8-weight model whose projections are plain nn.Linears holding the
+    dequantized weights in the model dtype, its config saying "none". The
+    reference for paths that stream FP8 weights but keep activations unquantized (the fused
+    batch-1 step), and a way to measure what activation quantization alone costs."""
+    import copy
+    import dataclasses
+
+    plain = copy.deepcopy(model)
+    dtype = plain.config.torch_dtype if hasattr(plain, "config") else torch.float32
+    for name, mod in list(plain.named_modules()):
+        if isinstance(mod, Fp8Linear):
+            lin = nn.Linear(mod.in_features, mod.out_features, bias=mod.bias is not None,
+                            device=mod.weight.device, dtype=dtype)
+            lin.weight.data = (mod.weight.float() * mod.weight_scale[:, None]).to(lin.weight.dtype)
+            if mod.bias is not None:
+                lin.bias.data = mod.bias.data.clone()
+            parent, _, attr = name.rpartition(".")
+            setattr(plain.get_submodule(parent), attr, lin)
+    if hasattr(plain, "config"):
+        plain.config = dataclasses.replace(plain.config, quantization="none")
+    return plain.requires_grad_(False)
+
+
 __all__ = ["FP8_DTYPE", "FP8_MAX", "Fp8Linear", "quantize_rows", "quantize_weight",
-           "fp8_linear_names", "swap_in_fp8_linears"]
+           "fp8_linear_names", "swap_in_fp8_linears", "dequantize_model"]

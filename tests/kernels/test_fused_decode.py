@@ -76,6 +76,22 @@ def test_one_row_step_with_the_fused_qkv_rope_kv_launch_equals_the_eager_step_fp
     torch.testing.assert_close(kv, eager_kv, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("which", [(1,), (0, 1, 2)], ids=["one_row", "three_rows"])
+def test_fused_step_over_fp8_weights_equals_the_dequantized_eager_step(fused, make_checkpoint, which):
+    """FP8 projections (quantization="fp8"; qwen2: with biases) stream e4m3 and scale each column:
+    the eager step over the dequantized weights, in fp32 (the activations stay unquantized here,
+    so the W8A8 batched step differs from both by its activation rounding)."""
+    from runtime_lib.layers.fp8_linear import dequantize_model
+
+    model = load_model(make_checkpoint("qwen2"), dtype="float32", quantization="fp8")
+    plain = dequantize_model(model)
+    eager_kv, kv = prefilled(plain), prefilled(plain)   # the same cache: only the step differs
+    for extra in range(2):
+        expected = decode_step(plain, eager_kv, TorchBackend(plain).forward, extra, which=which)
+        got = decode_step(model, kv, lambda *a: fused.llama_fused_decode_forward(model, *a), extra, which=which)
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
 def test_fused_step_in_bf16_stays_within_rounding_of_the_eager_step(fused, llama_dir):
     model = load_model(llama_dir, dtype="bfloat16")
     eager_kv, kv = prefilled(model), prefilled(model)

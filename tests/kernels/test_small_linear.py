@@ -76,6 +76,33 @@ def test_matches_the_eager_ops(sl, dtype, m, prologue, epilogue):
     assert_matches(got, eager, dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("m", [1, 3])
+@pytest.mark.parametrize("prologue", ["none", "rmsnorm", "silu_mul"])
+def test_fp8_weight_is_the_dequantized_weight(sl, dtype, m, prologue):
+    """An e4m3 weight with per-column scales (layers/fp8_linear.py) computes what eager ops
+    compute over the dequantized weight: fp32 to summation order; bf16 about as close to the
+    exact (float64) result as eager, which rounds the dequantized weight to bf16."""
+    from runtime_lib.layers.fp8_linear import quantize_weight
+
+    n, k = 40, 100
+    t = make_inputs(m, n, k, prologue, dtype, seed=10 + m)
+    q, scale = quantize_weight(t["weight"])
+    kw = dict(prologue=prologue, norm_weight=t["norm_weight"], eps=1e-5, bias=t["bias"], residual=t["residual"])
+    got = sl.small_linear(t["x"], q, weight_scale=scale, tuning=sl.LinearTuning(block_n=16, block_k=32), **kw)
+    eager = sl.small_linear_torch(t["x"], q, weight_scale=scale, **kw)
+    assert got.dtype == dtype
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, eager, rtol=1e-5, atol=1e-5)
+        return
+    exact = sl.small_linear_torch(t["x"].double(), q.double() * scale.double()[:, None], **{
+        key: (v.double() if isinstance(v, torch.Tensor) else v) for key, v in kw.items()})
+
+    def err(y):
+        return ((y.double() - exact).norm() / exact.norm()).item()
+    assert err(got) <= 1.5 * err(eager) + 1e-4, (err(got), err(eager))
+
+
 def test_bf16_rounding_is_round_to_nearest_even_like_torch(sl):
     # The interpreter truncates fp32 -> bf16; the kernel must still round like the GPU (and torch).
     t = make_inputs(2, 24, 64, "none", torch.bfloat16, seed=5)
@@ -109,7 +136,9 @@ def test_default_launch_shape_covers_every_column(sl):
     (lambda sl, x, w: sl.small_linear(torch.zeros(2, 9), w), "needs 8"),
     (lambda sl, x, w: sl.small_linear(x, w, prologue="silu_mul"), "needs 16"),
     (lambda sl, x, w: sl.small_linear(x, w, prologue="rmsnorm"), "norm_weight of shape (8,)"),
-    (lambda sl, x, w: sl.small_linear(x.double(), w.double()), "share one dtype"),
+    (lambda sl, x, w: sl.small_linear(x.double(), w.double()), "x must be one of"),
+    (lambda sl, x, w: sl.small_linear(x, w.to(torch.float8_e4m3fn)), "an FP8 weight needs weight_scale of shape (8,)"),
+    (lambda sl, x, w: sl.small_linear(x, w, weight_scale=torch.ones(8)), "only an FP8 weight takes one"),
     (lambda sl, x, w: sl.small_linear(x, w.t()), "contiguous in K"),
     (lambda sl, x, w: sl.small_linear(x, w, residual=torch.zeros(2, 5)), "residual must be (2, 8)"),
     (lambda sl, x, w: sl.small_linear(x, w, bias=torch.zeros(3)), "bias must have shape (8,)"),

@@ -9,17 +9,22 @@ import json
 import pytest
 import torch
 from safetensors import safe_open
+from test_models import cache_dtype_error
 from torch import nn
 
 from runtime_lib.build import build_engine
 from runtime_lib.config import ModelConfig, SamplingConfig
 from runtime_lib.engine import EngineConfig, LLMEngine
-from runtime_lib.layers.fp8_linear import (FP8_DTYPE, Fp8Linear, fp8_linear_names, quantize_rows, quantize_weight,
-                                           swap_in_fp8_linears)
+from runtime_lib.layers.fp8_linear import (
+    FP8_DTYPE,
+    Fp8Linear,
+    fp8_linear_names,
+    quantize_rows,
+    quantize_weight,
+    swap_in_fp8_linears,
+)
 from runtime_lib.model_runner import ModelRunner
 from runtime_lib.models import ENGINE_WEIGHTS_FILE, get_model_class, load_model
-
-from test_models import cache_dtype_error
 
 BLOCK_SIZE = 4
 
@@ -151,6 +156,7 @@ def test_bad_quantization_settings_name_the_field(llama_dir, fp8_engine_dir, tmp
         build_engine(llama_dir, tmp_path / "e", quantization="int8")
     with pytest.raises(ValueError, match=r"quantization must be one of \['none', 'fp8'\], got 'w4a16'"):
         ModelConfig.from_dir(llama_dir, quantization="w4a16")
-    with pytest.raises(ValueError, match=r"weight 'layers\.0\.\S+\.weight' is FP8 \(an engine built with "
-                                         r"--quantization fp8\): load it with quantization 'auto' or 'fp8', not 'none'"):
+    message = (r"weight 'layers\.0\.\S+\.weight' is FP8 \(an engine built with --quantization fp8\): "
+               r"load it with quantization 'auto' or 'fp8', not 'none'")
+    with pytest.raises(ValueError, match=message):
         load_model(fp8_engine_dir, quantization="none")
