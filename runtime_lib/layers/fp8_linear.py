@@ -42,10 +42,12 @@ class Fp8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         q, scale = quantize_rows(x.reshape(-1, self.in_features))
-        # Row-wise scales need a bf16 output on CUDA; CPU (the tests' fp32 models) takes any.
-        out_dtype = torch.bfloat16 if x.is_cuda else x.dtype
-        y = torch._scaled_mm(q, self.weight.t(), scale_a=scale, scale_b=self.weight_scale.view(1, -1),
-                             out_dtype=out_dtype).to(x.dtype)                     # (M, out)
+        if x.is_cuda:  # row-wise scales need a bf16 output there
+            y = torch._scaled_mm(q, self.weight.t(), scale_a=scale, scale_b=self.weight_scale.view(1, -1),
+                                 out_dtype=torch.bfloat16).to(x.dtype)                # (M, out)
+        else:          # the same products in fp32 (CPU _scaled_mm takes row-wise scales only from torch 2.13)
+            w = self.weight.float() * self.weight_scale[:, None]
+            y = torch.mm(q.float() * scale, w.t()).to(x.dtype)                        # (M, out)
         if self.bias is not None:
             y = y + self.bias
         return y.view(*lead, self.out_features)
