@@ -109,6 +109,7 @@ class TritonPythonModel:
             num_kv_blocks=params.int("num_kv_blocks", None, lo=1),
             kv_cache_memory_fraction=params.float("kv_cache_free_gpu_mem_fraction", 0.9, 0.0, 1.0),
             kv_cache_dtype=params.str("kv_cache_dtype", "auto"),
+            quantization=params.str("quantization", "auto"),
             enable_prefix_caching=params.bool("enable_kv_cache_reuse", True),
             max_queue_size=params.int("max_queue_size", 1024, lo=1),
             max_seq_len=params.int("max_seq_len", None, lo=2),
