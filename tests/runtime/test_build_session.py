@@ -63,7 +63,7 @@ def test_engine_directory_layout(engine_dir, llama_dir):
     assert set(cfg) == {"runtime_lib_version", "model_config", "build_config"}
     assert cfg["build_config"] == {"max_batch_size": 8, "max_beam_width": 4, "max_input_len": 128,
                                    "max_seq_len": 256, "tokens_per_block": BLOCK_SIZE, "tp_size": 1,
-                                   "dtype": "float32", "kv_cache_dtype": "auto"}
+                                   "dtype": "float32", "kv_cache_dtype": "auto", "quantization": "none"}
     mc = ModelConfig.from_dir(engine_dir)
     assert (mc.max_seq_len, mc.max_input_len, mc.max_batch_size) == (256, 128, 8)
     for name in ("rank0.safetensors", "tokenizer.json", "tokenizer_config.json", "generation_config.json"):
