@@ -6,11 +6,12 @@ One command, from the repository root, on a CUDA machine:
 
     python3 bench/gpu_linear.py                 # checks + sweep + table (~2 min)
     python3 bench/gpu_linear.py --quick         # fewer launch shapes
+    python3 bench/gpu_linear.py --fp8           # e4m3 weights with per-column scales (quantization="fp8")
 
 Every time is the replay of a CUDA graph of 8 calls that cycle through enough weight copies to
 defeat the L2 (what a captured decode step pays), per call. GB/s counts the weight bytes read.
 Writes to $OUT (else bench/results/): the report (JSON + Markdown) and `small_linear_tuning.json`,
-the best launch shape per (row class, N, K) for this device, in the format
+the best launch shape per (row class, N, K) for this device ("fp8:" keys for e4m3 weights), in the format
 runtime_lib/kernels/small_linear.py reads (copy its entries into the shipped table, or point
 RUNTIME_LIB_SMALL_LINEAR_TABLE at it). Without CUDA it prints why and exits 0; exit 1 when a
 correctness check fails.
@@ -60,7 +61,7 @@ def candidates(m_class: int, quick: bool) -> list:
     from runtime_lib.kernels.small_linear import LinearTuning
 
     if m_class == 1:
-        grid = itertools.product([1, 2, 4, 8] if not quick else [4], [512, 1024, 2048] if not quick else [1024],
+        grid = itertools.product([1, 2, 4, 8] if not quick else [4], [512, 1024, 2048, 4096] if not quick else [1024],
                                  [4, 8], [1, 3] if not quick else [1])
         return [LinearTuning(bn, bk, w, s) for bn, bk, w, s in grid if bn * bk <= 2048 * w]
     grid = itertools.product([16, 32, 64], [64, 128, 256] if not quick else [128], [4], [3, 4])
@@ -85,6 +86,12 @@ def run(args) -> dict:
             continue
         prologue = PROLOGUE_OF[name.split()[1]]
         weights = weight_copies(n, k)
+        fp8 = args.fp8 and not name.endswith("lm_head")   # the lm_head stays bf16 (layers/fp8_linear.py)
+        if fp8:
+            from runtime_lib.layers.fp8_linear import quantize_weight
+            weights = [quantize_weight(w) for w in weights]
+        else:
+            weights = [(w, None) for w in weights]
         norm_w = (torch.rand(k, device="cuda") + 0.5).to(torch.bfloat16)
         for m in args.rows:
             xk = 2 * k if prologue == "silu_mul" else k
@@ -92,37 +99,44 @@ def run(args) -> dict:
             res = torch.randn(m, n, device="cuda", dtype=torch.bfloat16) if name.endswith((" o", " down")) else None
             kw = dict(prologue=prologue, norm_weight=norm_w if prologue == "rmsnorm" else None, residual=res)
             # correctness: against the eager torch chain, same rounding points
-            ref = small_linear_torch(x, weights[0], **kw).float()
-            got = small_linear(x, weights[0], **kw).float()
+            w0, s0 = weights[0]
+            ref = small_linear_torch(x, w0, weight_scale=s0, **kw).float()
+            got = small_linear(x, w0, weight_scale=s0, **kw).float()
             err = ((got - ref).norm() / ref.norm()).item()
             report["checks"].append({"shape": name, "rows": m, "rel_err": err, "passed": err < 1e-2})
             # cuBLAS alone, and the torch chain the fused call replaces
+            # cuBLAS over bf16 weights (what the step without the fused kernels runs at batch 1)
+            bf16 = [w if s is None else w.to(torch.bfloat16) for w, s in weights]
             cublas = graph_call_us([functools.partial(torch.nn.functional.linear, x if prologue != "silu_mul"
                                                       else x[:, :k].contiguous(), w)
-                                    for w in itertools.islice(itertools.cycle(weights), CALLS)])
+                                    for w in itertools.islice(itertools.cycle(bf16), CALLS)])
             chain = graph_call_us([functools.partial(small_linear_torch, x, w, **kw)
-                                   for w in itertools.islice(itertools.cycle(weights), CALLS)])
+                                   for w in itertools.islice(itertools.cycle(bf16), CALLS)])
+            del bf16
+
+            def fused_calls(tuning, x=x, kw=kw, weights=weights):
+                return [functools.partial(small_linear, x, w, weight_scale=s, tuning=tuning, **kw)
+                        for w, s in itertools.islice(itertools.cycle(weights), CALLS)]
             m_class = row_class(m)
             best = None
             for tuning in candidates(m_class, args.quick):
                 try:
-                    us = graph_call_us([functools.partial(small_linear, x, w, tuning=tuning, **kw)
-                                        for w in itertools.islice(itertools.cycle(weights), CALLS)])
+                    us = graph_call_us(fused_calls(tuning))
                 except Exception as e:  # noqa: BLE001 - a launch shape that does not compile is skipped
                     print(f"  skip {tuning}: {type(e).__name__}: {str(e)[:80]}")
                     continue
                 if best is None or us < best[0]:
                     best = (us, tuning)
-            default = choose_tuning(m, n, k, x.device)
-            default_us = graph_call_us([functools.partial(small_linear, x, w, tuning=default, **kw)
-                                        for w in itertools.islice(itertools.cycle(weights), CALLS)])
-            gbytes = n * k * 2 / 1e9
+            default = choose_tuning(m, n, k, x.device, fp8)
+            default_us = graph_call_us(fused_calls(default))
+            gbytes = n * k * (1 if fp8 else 2) / 1e9
             row = {"shape": name, "n": n, "k": k, "rows": m, "prologue": prologue, "residual": res is not None,
+                   "weights": "fp8" if fp8 else "bf16",
                    "cublas_us": cublas, "torch_chain_us": chain, "fused_default_us": default_us,
                    "fused_best_us": best[0], "best": vars(best[1]),
                    "cublas_gbps": gbytes / cublas * 1e6, "fused_best_gbps": gbytes / best[0] * 1e6}
             report["rows"].append(row)
-            key = f"{m_class},{n},{k}"
+            key = ("fp8:" if fp8 else "") + f"{m_class},{n},{k}"
             if m == m_class or m == args.tune_rows or key not in table:
                 table[key] = vars(best[1])
             print(f"{name:12s} M={m:2d} {prologue:8s} cuBLAS {cublas:7.1f} us ({row['cublas_gbps']:5.0f} GB/s)  "
@@ -142,7 +156,7 @@ def markdown(report: dict) -> str:
              "| fused best µs (GB/s) | best launch |",
              "|---|---|---|---|---|---|---|---|"]
     for r in report["rows"]:
-        lines.append(f"| {r['shape']} ({r['n']}x{r['k']}) | {r['rows']} | {r['prologue']}{' + res' if r['residual'] else ''} "
+        lines.append(f"| {r['shape']} ({r['n']}x{r['k']}){' fp8' if r.get('weights') == 'fp8' else ''} | {r['rows']} | {r['prologue']}{' + res' if r['residual'] else ''} "
                      f"| {r['cublas_us']:.1f} ({r['cublas_gbps']:.0f}) | {r['torch_chain_us']:.1f} "
                      f"| {r['fused_default_us']:.1f} | {r['fused_best_us']:.1f} ({r['fused_best_gbps']:.0f}) "
                      f"| {r['best']} |")
@@ -158,6 +172,7 @@ def main() -> int:
     ap.add_argument("--rows", default="1,2,4,8,16", help="row counts to time")
     ap.add_argument("--tune-rows", type=int, default=16, help="row count whose best shape its class keeps")
     ap.add_argument("--models", default="1b,8b")
+    ap.add_argument("--fp8", action="store_true", help="e4m3 weights + per-column scales (the lm_head stays bf16)")
     args = ap.parse_args()
     args.rows = [int(r) for r in args.rows.split(",")]
     args.models = set(args.models.split(","))
@@ -165,7 +180,7 @@ def main() -> int:
         print("gpu_linear: no CUDA device, skipping")
         return 0
     report = run(args)
-    stem = results_stem("gpu_linear", report["device"], report["date"])
+    stem = results_stem("gpu_linear", report["device"], report["date"], "-fp8" if args.fp8 else "")
     write_results(stem, report, markdown(report))
     stem.with_name("small_linear_tuning.json").write_text(json.dumps(report["tuning_table"], indent=2))
     print(markdown(report))

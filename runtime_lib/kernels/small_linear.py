@@ -178,11 +178,11 @@ def choose_tuning(num_rows: int, n: int, k: int, device: torch.device, fp8: bool
     """The tuned launch shape for this device and matrix, else a heuristic. One row: 8 weight
     rows per program, so there are many programs per SM and their loads, not the one program's
     dependency chain, keep HBM busy. Several rows: 16-row x 64-column tensor-core tiles.
-    `fp8`: an FP8 weight; the shipped table was searched with 2-byte weights, so the heuristic."""
+    `fp8`: an FP8 weight, whose shapes the table keys "fp8:rows,n,k" (`bench/gpu_linear.py --fp8`)."""
     m = row_class(num_rows)
-    if device.type == "cuda" and not fp8:
+    if device.type == "cuda":
         index = device.index if device.index is not None else torch.cuda.current_device()
-        found = tuned(_device_name(index), f"{m},{n},{k}")
+        found = tuned(_device_name(index), ("fp8:" if fp8 else "") + f"{m},{n},{k}")
         if found is not None:
             return found
     if m == 1:  # within ~5% of the best for every Llama matrix on an H100 (bench/gpu_linear.py)
