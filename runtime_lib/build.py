@@ -86,11 +86,12 @@ def _validate_limits(config: ModelConfig, limits: dict[str, Any]) -> dict[str, A
 
 
 def build(checkpoint_dir: str | Path, dtype: str | torch.dtype | None = None, kv_cache_dtype: str = "auto",
-          quantization: str = "none", **limits: Any) -> Engine:
+          quantization: str | None = None, **limits: Any) -> Engine:
     """Convert an HF checkpoint into an in-memory `Engine` (TRT-LLM's `tensorrt_llm.build`).
     `kv_cache_dtype="fp8"`: the engine's KV cache is e4m3 (TRT-LLM's `--kv_cache_dtype fp8`).
     `quantization="fp8"`: the projections are stored as e4m3 with per-channel scales, half the
-    bytes (TRT-LLM's FP8 `quant_algo`; layers/fp8_linear.py)."""
+    bytes (TRT-LLM's FP8 `quant_algo`; layers/fp8_linear.py); None: the checkpoint's (an FP8
+    checkpoint stays FP8)."""
     checkpoint_dir = Path(checkpoint_dir)
     if not (checkpoint_dir / "config.json").is_file():
         raise ValueError(f"checkpoint {str(checkpoint_dir)!r} is not a checkpoint directory (no config.json)")
@@ -101,8 +102,12 @@ def build(checkpoint_dir: str | Path, dtype: str | torch.dtype | None = None, kv
     limits = _validate_limits(hf_config, limits)
     if kv_cache_dtype not in KV_CACHE_DTYPES:
         raise ValueError(f"kv_cache_dtype must be one of {list(KV_CACHE_DTYPES)}, got {kv_cache_dtype!r}")
+    quantization = quantization or hf_config.quantization
     if quantization not in QUANTIZATIONS:
         raise ValueError(f"quantization must be one of {list(QUANTIZATIONS)}, got {quantization!r}")
+    if hf_config.quantization != "none" and quantization != hf_config.quantization:
+        raise ValueError(f"checkpoint {str(checkpoint_dir)!r} is {hf_config.quantization}-quantized; build it with "
+                         f"quantization {hf_config.quantization!r} (or leave it unset), not {quantization!r}")
     config = dataclasses.replace(hf_config, dtype=torch_dtype_to_str(torch_dtype), kv_cache_dtype=kv_cache_dtype,
                                  quantization=quantization, **limits)
     if quantization == "none":
@@ -118,7 +123,7 @@ def build(checkpoint_dir: str | Path, dtype: str | torch.dtype | None = None, kv
 
 
 def build_engine(checkpoint_dir: str | Path, output_dir: str | Path, dtype: str | torch.dtype | None = None,
-                 kv_cache_dtype: str = "auto", quantization: str = "none", **limits: Any) -> Path:
+                 kv_cache_dtype: str = "auto", quantization: str | None = None, **limits: Any) -> Path:
     """Build and write an engine directory (config.json, rank0.safetensors, tokenizer files)."""
     checkpoint_dir = Path(checkpoint_dir)
     if not checkpoint_dir.is_dir():
@@ -142,8 +147,9 @@ def main(argv: list[str] | None = None) -> None:
         ap.add_argument("--" + name.replace("_", "-"), type=int, default=None)
     ap.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES,
                     help="auto: the weights' dtype; fp8: an e4m3 KV cache (scale 1, half the bytes)")
-    ap.add_argument("--quantization", default="none", choices=QUANTIZATIONS,
-                    help="fp8: e4m3 projection weights with per-channel scales, per-token activation scales")
+    ap.add_argument("--quantization", default=None, choices=QUANTIZATIONS,
+                    help="fp8: e4m3 projection weights with per-channel scales, per-token activation scales "
+                         "(default: the checkpoint's; an FP8 checkpoint stays FP8)")
     args = ap.parse_args(argv)
     limits = {name: getattr(args, name) for name in BUILD_LIMITS}
     try:

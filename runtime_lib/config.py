@@ -41,6 +41,30 @@ FP8_KV_MAX = 448.0
 QUANTIZATIONS = ("none", "fp8")
 
 
+def hf_quantization(qc: dict[str, Any] | None) -> str:
+    """An HF config's `quantization_config` -> one of QUANTIZATIONS. FP8 checkpoints load as they
+    are stored (AutoFP8 / `quant_method: fp8`, compressed-tensors with 8-bit float weights);
+    any other method fails here, naming it, rather than as a pile of unknown weight names."""
+    if not qc:
+        return "none"
+    method = qc.get("quant_method")
+    if method == "fp8":
+        if qc.get("weight_block_size"):
+            raise ValueError(f"block-wise FP8 checkpoints (quantization_config.weight_block_size="
+                             f"{qc['weight_block_size']}) are not supported; per-tensor and per-channel are")
+        return "fp8"
+    if method == "compressed-tensors":
+        groups = list((qc.get("config_groups") or {}).values())
+        weights = [g.get("weights") or {} for g in groups]
+        if weights and all(w.get("type") == "float" and w.get("num_bits") == 8
+                           and w.get("strategy") in ("tensor", "channel") for w in weights):
+            return "fp8"
+        raise ValueError("compressed-tensors checkpoints are supported with FP8 weights (type float, 8 bits, "
+                         f"strategy tensor or channel); got {weights}")
+    raise ValueError(f"quantization_config.quant_method {method!r} is not supported; supported: 'fp8' and "
+                     f"'compressed-tensors' FP8 checkpoints, or quantization='fp8' over a bf16 checkpoint")
+
+
 def kv_cache_torch_dtype(kv_cache_dtype: str | torch.dtype | None, model_dtype: torch.dtype) -> torch.dtype:
     """The KV pool's torch dtype: None / "auto" -> `model_dtype`, "fp8" -> float8_e4m3fn, or any
     model dtype ('bf16', torch.float16, ...)."""
@@ -189,6 +213,7 @@ class ModelConfig:
         if isinstance(eos, list):
             eos = eos[0] if eos else None
         dtype = overrides.pop("dtype", None) or hf.get("dtype") or hf.get("torch_dtype") or "float32"
+        fields["quantization"] = hf_quantization(hf.get("quantization_config"))
         return cls(architecture=arch, bos_token_id=hf.get("bos_token_id"), eos_token_id=eos,
                    pad_token_id=hf.get("pad_token_id"), dtype=dtype, **{**fields, **overrides})
 

@@ -88,8 +88,8 @@ def build_model(config: ModelConfig, weights: Mapping[str, torch.Tensor] | Itera
         elif want == FP8_DTYPE or name.endswith(".weight_scale"):
             state[name] = tensor.to(device=device, dtype=want)
         elif tensor.dtype == FP8_DTYPE:
-            raise ValueError(f"weight {name!r} is FP8 (an engine built with --quantization fp8): load it with "
-                             f"quantization 'auto' or 'fp8', not {config.quantization!r}")
+            raise ValueError(f"weight {name!r} is FP8 (an FP8 checkpoint, or an engine built with --quantization "
+                             f"fp8): load it with quantization 'auto' or 'fp8', not {config.quantization!r}")
         else:
             state[name] = tensor.to(device=device, dtype=torch_dtype)
     missing = sorted(set(expected) - set(state))

@@ -5,6 +5,7 @@ LLMEngine, and bad settings fail naming the field."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -49,20 +50,26 @@ def test_fp8_linear_is_the_dequantized_matmul():
     assert 0.005 < rel < 0.08, rel                    # e4m3 keeps 3 mantissa bits: a few percent
 
 
-def fake_quantize_hf(hf: nn.Module) -> None:
-    """Give every HF projection but the lm_head FP8-rounded weights (per output channel) and
-    FP8-rounded inputs (per token): the same arithmetic as ours, in fp32 torch ops."""
-    from transformers.pytorch_utils import Conv1D
+def qdq(t: torch.Tensor) -> torch.Tensor:
+    """Quantize-dequantize each row (last dim) through e4m3 with its own scale."""
+    q, s = quantize_rows(t.reshape(-1, t.shape[-1]))
+    return (q.float() * s).view(t.shape)
 
-    def qdq(t: torch.Tensor) -> torch.Tensor:
-        q, s = quantize_rows(t.reshape(-1, t.shape[-1]))
-        return (q.float() * s).view(t.shape)
+
+def fake_quantize_hf(hf: nn.Module, weights: dict[str, torch.Tensor] | None = None) -> None:
+    """Give every HF projection but the lm_head FP8-rounded inputs (per token) and FP8-rounded
+    weights: its own rows quantize-dequantized, or `weights` (HF name -> dequantized tensor) as
+    given. The same arithmetic as ours, in fp32 torch ops."""
+    from transformers.pytorch_utils import Conv1D
 
     for name, mod in hf.named_modules():
         if name.endswith("lm_head") or not isinstance(mod, nn.Linear | Conv1D):
             continue
         with torch.no_grad():   # Conv1D stores (in, out): its output channels are columns
-            mod.weight.copy_(qdq(mod.weight.t()).t() if isinstance(mod, Conv1D) else qdq(mod.weight))
+            if weights is not None:
+                mod.weight.copy_(weights[name + ".weight"])
+            else:
+                mod.weight.copy_(qdq(mod.weight.t()).t() if isinstance(mod, Conv1D) else qdq(mod.weight))
         mod.register_forward_pre_hook(lambda _m, args: (qdq(args[0]),) + tuple(args[1:]))
 
 
@@ -156,7 +163,105 @@ def test_bad_quantization_settings_name_the_field(llama_dir, fp8_engine_dir, tmp
         build_engine(llama_dir, tmp_path / "e", quantization="int8")
     with pytest.raises(ValueError, match=r"quantization must be one of \['none', 'fp8'\], got 'w4a16'"):
         ModelConfig.from_dir(llama_dir, quantization="w4a16")
-    message = (r"weight 'layers\.0\.\S+\.weight' is FP8 \(an engine built with --quantization fp8\): "
-               r"load it with quantization 'auto' or 'fp8', not 'none'")
+    message = (r"weight 'layers\.0\.\S+\.weight' is FP8 \(an FP8 checkpoint, or an engine built with "
+               r"--quantization fp8\): load it with quantization 'auto' or 'fp8', not 'none'")
     with pytest.raises(ValueError, match=message):
         load_model(fp8_engine_dir, quantization="none")
+
+
+# ----------------------------------------------------------------------------- FP8 checkpoints
+PROJECTION = r"model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)\.weight$"
+
+
+def write_fp8_checkpoint(src: Path, out: Path, strategy: str, fmt: str) -> dict[str, torch.Tensor]:
+    """An FP8 checkpoint as AutoFP8 (`quant_method: fp8`, per-tensor scales and static input
+    scales) or llm-compressor (`compressed-tensors`, per-channel (out, 1) scales) write it, from
+    a tiny fp32 one. Returns the dequantized projections (HF names), the oracle's weights."""
+    import re
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, out)
+    state = load_file(str(out / "model.safetensors"))
+    dequantized = {}
+    for name in [n for n in state if re.search(PROJECTION, n)]:
+        w = state[name].float()
+        amax = w.abs().amax() if strategy == "tensor" else w.abs().amax(dim=1, keepdim=True)
+        scale = (amax / 448.0).clamp(min=1e-12)
+        q = (w / scale).clamp(-448, 448).to(torch.float8_e4m3fn)
+        state[name], state[name + "_scale"] = q, scale.float()
+        if fmt == "fp8":
+            state[name[:-len("weight")] + "input_scale"] = torch.tensor(0.05)  # static: not used
+        dequantized[name] = q.float() * scale
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    cfg = json.loads((out / "config.json").read_text())
+    cfg["quantization_config"] = (
+        {"quant_method": "fp8", "activation_scheme": "static", "ignored_layers": ["lm_head"]} if fmt == "fp8" else
+        {"quant_method": "compressed-tensors", "format": "float-quantized", "ignore": ["lm_head"],
+         "config_groups": {"group_0": {"targets": ["Linear"],
+                                       "weights": {"num_bits": 8, "type": "float", "strategy": strategy},
+                                       "input_activations": {"num_bits": 8, "type": "float", "dynamic": True,
+                                                             "strategy": "token"}}}})
+    (out / "config.json").write_text(json.dumps(cfg))
+    return dequantized
+
+
+@pytest.mark.parametrize("family, strategy, fmt", [("llama", "tensor", "fp8"),
+                                                   ("qwen2", "channel", "compressed-tensors")])
+def test_fp8_checkpoint_loads_as_stored_and_equals_hf_with_those_weights(make_checkpoint, tmp_path, family,
+                                                                         strategy, fmt):
+    """The e4m3 weights and scales are used as stored (per-tensor scales become every row's):
+    the model equals transformers over the dequantized weights with per-token activation
+    rounding; the static input scales are not used (activations are scaled per token)."""
+    from transformers import AutoModelForCausalLM
+
+    src = make_checkpoint(family)
+    dequantized = write_fp8_checkpoint(src, tmp_path / "fp8", strategy, fmt)
+    assert ModelConfig.from_dir(tmp_path / "fp8").quantization == "fp8"
+    model = load_model(tmp_path / "fp8")
+    qkv = model.layers[0].self_attn.qkv_proj
+    assert isinstance(qkv, Fp8Linear)
+    q_rows = model.config.num_heads * model.config.head_size
+    stored = dequantized["model.layers.0.self_attn.q_proj.weight"]
+    assert torch.equal(qkv.weight[:q_rows].float() * qkv.weight_scale[:q_rows, None], stored)
+    hf = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32).eval()
+    plain = cache_dtype_error(model, hf, None)
+    fake_quantize_hf(hf, dequantized)
+    matched = cache_dtype_error(model, hf, None)
+    assert matched < 0.1 < 0.3 < plain, (matched, plain)
+
+
+def test_fp8_checkpoint_builds_an_fp8_engine_and_serves(make_checkpoint, tmp_path):
+    src = make_checkpoint("llama")
+    write_fp8_checkpoint(src, tmp_path / "fp8", "tensor", "fp8")
+    engine_dir = build_engine(tmp_path / "fp8", tmp_path / "engine", tokens_per_block=BLOCK_SIZE)
+    assert json.loads((engine_dir / "config.json").read_text())["build_config"]["quantization"] == "fp8"
+    with pytest.raises(ValueError, match=r"is fp8-quantized; build it with quantization 'fp8' \(or leave it "
+                                         r"unset\), not 'none'"):
+        build_engine(tmp_path / "fp8", tmp_path / "e2", quantization="none")
+    prompt = [1, 17, 42, 99, 250, 7]
+    ref = ModelRunner.from_dir(tmp_path / "fp8", device="cpu").generate(
+        [torch.tensor(prompt)], max_new_tokens=8, end_id=-1, pad_id=0)[0, 0, len(prompt):len(prompt) + 8].tolist()
+    engine = LLMEngine(EngineConfig(model_dir=str(engine_dir), device="cpu", num_kv_blocks=32, block_size=BLOCK_SIZE))
+    try:
+        stream = engine.add_request("r", prompt, SamplingConfig(end_id=-1, pad_id=0, max_new_tokens=8))
+        assert [t for o in stream for t in o.new_token_ids] == ref
+    finally:
+        engine.shutdown()
+
+
+@pytest.mark.parametrize("qc, message", [
+    ({"quant_method": "fp8", "weight_block_size": [128, 128]}, r"block-wise FP8 checkpoints"),
+    ({"quant_method": "gptq", "bits": 4}, r"quant_method 'gptq' is not supported"),
+    ({"quant_method": "compressed-tensors", "config_groups": {"g": {"weights": {"num_bits": 4, "type": "int"}}}},
+     r"compressed-tensors checkpoints are supported with FP8 weights"),
+])
+def test_unsupported_quantized_checkpoints_fail_naming_the_method(llama_dir, tmp_path, qc, message):
+    import shutil
+
+    shutil.copytree(llama_dir, tmp_path / "q")
+    cfg = json.loads((tmp_path / "q" / "config.json").read_text())
+    (tmp_path / "q" / "config.json").write_text(json.dumps({**cfg, "quantization_config": qc}))
+    with pytest.raises(ValueError, match=message):
+        ModelConfig.from_dir(tmp_path / "q")
