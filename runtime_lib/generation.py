@@ -46,6 +46,7 @@ class _DecodePlan:
     max_blocks_per_seq: int
     kv_cache: torch.Tensor
     prompt_inputs: dict[str, torch.Tensor] | None = None  # prompt tuning inputs of the prefill step
+    lora_rows: list | None = None  # each prompt's lora.LoraAdapter (or None), from setup's lora_uids
 
 
 @dataclass
@@ -89,6 +90,7 @@ class GenerationSession:
         # kept here because the Session only holds it weakly.
         self.cuda_graphs = cuda_graphs
         self._graph_runner = None
+        self._lora_rows = None  # setup()'s lora_uids as adapters, one per prompt
         self.model_config = model_config
         self.mapping = mapping or Mapping()
         self.debug_mode = debug_mode
@@ -121,7 +123,8 @@ class GenerationSession:
     def setup(self, batch_size: int, max_context_length: int, max_new_tokens: int, beam_width: int = 1,
               max_attention_window_size: int | None = None, sink_token_length: int | None = None,
               lora_manager: object = None, lora_uids: list[str] | None = None, **_unused: object) -> None:
-        """Check the batch against the build limits and size the KV cache for it."""
+        """Check the batch against the build limits and size the KV cache for it. `lora_manager`
+        (lora.LoraManager) and `lora_uids` (one per prompt, "-1": none): each prompt's adapter."""
         self._check_idle("setup()")
         cfg = self.model_config
         if not 1 <= batch_size <= cfg.max_batch_size:
@@ -136,6 +139,12 @@ class GenerationSession:
                              f"must be <= max_seq_len ({cfg.max_seq_len})")
         if not 1 <= beam_width <= max(cfg.max_beam_width, 1):
             raise ValueError(f"beam_width must be in [1, {cfg.max_beam_width}] (max_beam_width), got {beam_width}")
+        if lora_uids is not None and lora_manager is None:
+            raise ValueError("lora_uids need a lora_manager (ModelRunner: load adapters with lora_dir)")
+        self._lora_rows = None
+        if lora_uids is not None:
+            rows = lora_manager.adapters_for(list(lora_uids), batch_size)
+            self._lora_rows = rows if any(a is not None for a in rows) else None
         self.batch_size, self.max_context_length = batch_size, max_context_length
         self.max_new_tokens, self.beam_width = max_new_tokens, beam_width
         bs = cfg.tokens_per_block
@@ -184,7 +193,7 @@ class GenerationSession:
         if prompt_embedding_table is not None or tasks is not None or prompt_vocab_size is not None:
             prompt_inputs = self._prompt_inputs(prompts, prompt_embedding_table, tasks, prompt_vocab_size)
         plan = _DecodePlan(self.batch_size, self.max_new_tokens, self.beam_width, self.max_blocks_per_seq,
-                           self._kv_cache, prompt_inputs)
+                           self._kv_cache, prompt_inputs, self._lora_rows)
         kwargs = dict(plan=plan, output_sequence_lengths=output_sequence_lengths or scfg.output_sequence_lengths,
                       return_dict=return_dict or scfg.return_dict,
                       output_generation_logits=output_generation_logits or self.gather_generation_logits,
@@ -330,7 +339,8 @@ class GenerationSession:
                 copies += kv.add_sequence(GenerationSequence(b, b), len(p))
             want_ctx = self.gather_context_logits
             logits = self._forward([StepRow(p, 0, kv.get_block_table(b, 0), all_logits=want_ctx)
-                                    for b, p in enumerate(prompts)], kv_cache, extra=plan.prompt_inputs)
+                                    for b, p in enumerate(prompts)], kv_cache, extra=plan.prompt_inputs,
+                                   lora=self._lora_batch(plan, range(B), [len(p) for p in prompts]))
             apply_block_copies(kv_cache, copies)
             context_logits = None
             if want_ctx:
@@ -377,7 +387,8 @@ class GenerationSession:
                     host = HostCopy(out.token_ids, out.logprobs)
                     next_logits = None
                     if ahead and step < max_new - 1:
-                        next_logits = self._next_logits(kv, kv_cache, rows, use_beams, W, feed=out.token_ids)
+                        next_logits = self._next_logits(kv, kv_cache, rows, use_beams, W, feed=out.token_ids,
+                                                        plan=plan)
                     tok_list, lp_list = host.lists()
                     written, cols = [], []
                     for i, (r, tok) in enumerate(zip(rows, tok_list)):
@@ -398,14 +409,14 @@ class GenerationSession:
                 if stream:
                     yield self._outputs(prompts, rows, beams, S, end_id, return_dict, output_sequence_lengths,
                                         context_logits, gen_logits, scfg, beam_stop_words)
-                logits = next_logits if ahead else self._next_logits(kv, kv_cache, rows, use_beams, W)
+                logits = next_logits if ahead else self._next_logits(kv, kv_cache, rows, use_beams, W, plan=plan)
             yield self._outputs(prompts, rows, beams, S, end_id, return_dict, output_sequence_lengths,
                                 context_logits, gen_logits, scfg, beam_stop_words)
         finally:
             kv.free_all()
 
     def _next_logits(self, kv: KVCacheManager, kv_cache: torch.Tensor, rows: list[_Row], use_beams: bool,
-                     W: int, feed: torch.Tensor | None = None) -> torch.Tensor:
+                     W: int, feed: torch.Tensor | None = None, plan: _DecodePlan | None = None) -> torch.Tensor:
         """Run the next decode step. Beams: every row until the search is done (BeamSearch
         wants all rows). Otherwise only unfinished rows; finished rows get zero logits.
         `feed` (rows,): the last sampled tokens, on the device and not yet appended to the
@@ -421,7 +432,8 @@ class GenerationSession:
                                         kv.sequence_length(rows[i].batch_idx) - 1,
                                         kv.get_block_table(rows[i].batch_idx, rows[i].beam),
                                         feed_index=i if fed_live and not rows[i].finished else -1) for i in fed],
-                               kv_cache, feed)
+                               kv_cache, feed,
+                               lora=self._lora_batch(plan, [rows[i].batch_idx for i in fed], [1] * len(fed)))
         if len(fed) == len(rows):
             return logits
         full = logits.new_zeros(len(rows), logits.shape[1])
@@ -464,11 +476,22 @@ class GenerationSession:
         out = beams.step(x)
         return out.next_tokens, out.parent_beams
 
+    def _lora_batch(self, plan: _DecodePlan | None, prompt_of_row, tokens_of_row: list[int]):
+        """The step's lora.LoraBatch: step row i belongs to prompt `prompt_of_row[i]`; None without adapters."""
+        if plan is None or plan.lora_rows is None:
+            return None
+        from .lora import LoraBatch
+
+        return LoraBatch.build([plan.lora_rows[b] for b in prompt_of_row], tokens_of_row, self.device)
+
     def _forward(self, step_rows: list[StepRow], kv_cache: torch.Tensor,
-                 feed_tokens: torch.Tensor | None = None, extra: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+                 feed_tokens: torch.Tensor | None = None, extra: dict[str, torch.Tensor] | None = None,
+                 lora=None) -> torch.Tensor:
         inputs = build_step_inputs(step_rows, self.tokens_per_block, self.device, feed_tokens=feed_tokens)
         inputs["kv_cache"] = kv_cache
         inputs.update(extra or {})
+        if lora is not None:
+            inputs["lora"] = lora
         outputs: dict[str, torch.Tensor] = {}
         self.runtime.run(inputs, outputs)
         return outputs["logits"]

@@ -31,7 +31,7 @@ class ModelRunner:
 
     # ------------------------------------------------------------ constructors
     @classmethod
-    def from_engine(cls, engine: Session | str | Path, lora_dir: str | None = None, rank: int = 0,
+    def from_engine(cls, engine: Session | str | Path, lora_dir: str | list[str] | None = None, rank: int = 0,
                     debug_mode: bool = False, stream: Any = None, device: str | None = None,
                     gather_context_logits: bool | None = None, gather_generation_logits: bool | None = None,
                     **_unused: Any) -> ModelRunner:
@@ -40,9 +40,10 @@ class ModelRunner:
         `gather_context_logits` / `gather_generation_logits` (TRT-LLM's build flags of the same
         names) override the engine's: with them on, `generate(..., return_dict=True)` also
         returns `context_logits` [batch, max_input_len, vocab] / `generation_logits`
-        [batch, beams, steps, vocab]."""
-        if lora_dir is not None:
-            raise NotImplementedError("LoRA adapters are not supported yet (lora_dir given)")
+        [batch, beams, steps, vocab].
+
+        `lora_dir`: one PEFT LoRA adapter directory or a list of them, served as uids "0", "1",
+        ... (`generate(lora_uids=[...])` picks one per prompt; Llama-family models)."""
         if rank != 0:
             raise ValueError(f"rank must be 0 (tensor parallelism is not supported yet), got {rank}")
         session = engine if isinstance(engine, Session) else Session.from_engine(
@@ -52,17 +53,21 @@ class ModelRunner:
             cfg.gather_context_logits = bool(gather_context_logits)
         if gather_generation_logits is not None:
             cfg.gather_generation_logits = bool(gather_generation_logits)
+        lora_manager = None
+        if lora_dir is not None:
+            from .lora import LoraManager
+
+            lora_manager = LoraManager()
+            lora_manager.load_from_ckpt(lora_dir, cfg, device=session.device)
         gen = GenerationSession(cfg, session, Mapping(), debug_mode=debug_mode, stream=stream)
-        return cls(gen, cfg.max_batch_size, cfg.max_input_len, cfg.max_seq_len, cfg.max_beam_width)
+        return cls(gen, cfg.max_batch_size, cfg.max_input_len, cfg.max_seq_len, cfg.max_beam_width, lora_manager)
 
     @classmethod
-    def from_dir(cls, engine_dir: str | Path, lora_dir: str | None = None, rank: int = 0,
+    def from_dir(cls, engine_dir: str | Path, lora_dir: str | list[str] | None = None, rank: int = 0,
                  debug_mode: bool = False, stream: Any = None, device: str | None = None,
                  dtype: str | None = None, gather_context_logits: bool | None = None,
                  gather_generation_logits: bool | None = None, **_unused: Any) -> ModelRunner:
-        """From an engine directory or a plain Hugging Face checkpoint directory."""
-        if lora_dir is not None:
-            raise NotImplementedError("LoRA adapters are not supported yet (lora_dir given)")
+        """From an engine directory or a plain Hugging Face checkpoint directory (`lora_dir`: see from_engine)."""
         if not Path(engine_dir).is_dir():
             raise FileNotFoundError(f"engine_dir {str(engine_dir)!r} is not a directory")
         session = Session.from_dir(engine_dir, device=device or _default_device(), dtype=dtype)
@@ -83,7 +88,7 @@ class ModelRunner:
     num_layers = property(lambda self: self.model_config.num_layers)
     max_sequence_length = property(lambda self: self.model_config.max_seq_len)
     remove_input_padding = property(lambda self: self.model_config.remove_input_padding)
-    use_lora_plugin = property(lambda self: False)
+    use_lora_plugin = property(lambda self: self.lora_manager is not None)
     # No build-time table size: as many virtual tokens as one batch of prompts can hold.
     max_prompt_embedding_table_size = property(lambda self: self.max_batch_size * self.max_input_len)
     gather_context_logits = property(lambda self: self.model_config.gather_context_logits)
@@ -99,12 +104,13 @@ class ModelRunner:
         max_input_len + max_new_tokens] padded with end_id, or a dict when `return_dict` /
         `output_sequence_lengths`; with `streaming=True` a generator of those, one per step."""
         ptuning = self._prepare_ptuning(prompt_table, prompt_tasks, len(batch_input_ids))
-        if lora_uids is not None:
-            if len(lora_uids) != len(batch_input_ids):
-                raise ValueError(f"lora_uids must have one entry per prompt ({len(batch_input_ids)}), "
-                                 f"got {len(lora_uids)}")
+        if lora_uids is not None and len(lora_uids) != len(batch_input_ids):
+            raise ValueError(f"lora_uids must have one entry per prompt ({len(batch_input_ids)}), got {len(lora_uids)}")
+        if lora_uids is not None and self.lora_manager is None:
             if any(str(u) not in ("-1", "None") for u in lora_uids):
-                raise NotImplementedError("LoRA adapters are not supported yet (lora_uids given)")
+                raise ValueError("lora_uids name adapters, but none are loaded: pass lora_dir to "
+                                 "from_dir / from_engine")
+            lora_uids = None
         if position_ids is not None:
             raise NotImplementedError("custom position_ids are not supported")
         scfg = self._sampling_config(sampling_config, kwargs)
@@ -113,7 +119,8 @@ class ModelRunner:
         lengths = torch.tensor([len(p) for p in prompts], dtype=torch.int32)
         packed = torch.tensor([t for p in prompts for t in p], dtype=torch.int32)
         beam_width = max(scfg.num_beams, scfg.num_return_sequences or 1)
-        self.session.setup(len(prompts), int(lengths.max()), scfg.max_new_tokens, beam_width)
+        self.session.setup(len(prompts), int(lengths.max()), scfg.max_new_tokens, beam_width,
+                           lora_manager=self.lora_manager, lora_uids=lora_uids)
         return self.session.decode(packed, lengths, scfg, **ptuning, streaming=streaming,
                                    stopping_criteria=stopping_criteria, logits_processor=logits_processor,
                                    return_dict=scfg.return_dict,

@@ -49,7 +49,9 @@ REQUIRED_INPUTS = ("input_ids", "position_ids", "kv_cache", "query_lengths", "se
 # Prompt tuning (TRT-LLM names): the table (num_tasks * prompt_vocab_size, H), each token's
 # task (T,) and the rows per task; prompt ids >= vocab_size then read the table.
 PROMPT_INPUTS = ("prompt_embedding_table", "tasks", "prompt_vocab_size")
-OPTIONAL_INPUTS = ("slot_mapping",) + PROMPT_INPUTS
+# "lora": a lora.LoraBatch, the step's LoRA adapters and the tokens each serves (not a tensor:
+# TRT-LLM passes weight pointers per layer; ours are the adapters' own tensors).
+OPTIONAL_INPUTS = ("slot_mapping", "lora") + PROMPT_INPUTS
 
 
 @dataclass(frozen=True)
@@ -66,7 +68,7 @@ class SessionBackend(Protocol):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor,
                 meta: AttentionMetadata, logits_indices: torch.Tensor,
-                inputs_embeds: torch.Tensor | None = None) -> torch.Tensor: ...
+                inputs_embeds: torch.Tensor | None = None, lora: Any = None) -> torch.Tensor: ...
 
     def state_dict(self) -> dict[str, torch.Tensor]: ...
 
@@ -81,8 +83,10 @@ class TorchBackend:
     @torch.no_grad()  # not inference_mode: callers edit the returned logits in place
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor,
                 meta: AttentionMetadata, logits_indices: torch.Tensor,
-                inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
-        kw = {} if inputs_embeds is None else {"inputs_embeds": inputs_embeds}
+                inputs_embeds: torch.Tensor | None = None, lora: Any = None) -> torch.Tensor:
+        kw: dict[str, Any] = {} if inputs_embeds is None else {"inputs_embeds": inputs_embeds}
+        if lora is not None:
+            kw["lora"] = lora
         hidden = self.model(input_ids, positions, kv_cache, meta, **kw)         # (T, H)
         return self.model.compute_logits(hidden[logits_indices])                # (N, V) fp32
 
@@ -315,7 +319,9 @@ class Session:
             else contextlib.nullcontext()
         with ctx:
             embeds = self._prompt_embeddings(inputs)
-            runner = self._graph_runner_for(inputs) if embeds is None else None  # graphs take ids only
+            lora = inputs.get("lora")
+            # Graphs take ids only, and a LoRA step's row grouping changes from step to step.
+            runner = self._graph_runner_for(inputs) if embeds is None and lora is None else None
             if runner is not None:
                 slot_mapping = inputs.get("slot_mapping")
                 if slot_mapping is None:
@@ -332,7 +338,8 @@ class Session:
             else:
                 meta = self._metadata(inputs)
                 logits = self._backend.forward(inputs["input_ids"], inputs["position_ids"], inputs["kv_cache"],
-                                               meta, inputs["logits_indices"], inputs_embeds=embeds)
+                                               meta, inputs["logits_indices"], inputs_embeds=embeds,
+                                               **({} if lora is None else {"lora": lora}))
             out = outputs.get("logits")
             if out is None:
                 outputs["logits"] = logits

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+if TYPE_CHECKING:
+    from ..lora import LoraBatch
 
 
 def gelu_new(x: torch.Tensor) -> torch.Tensor:
@@ -34,19 +38,26 @@ def get_activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
 
 
 class GatedMLP(nn.Module):
-    """down(act(gate(x)) * up(x)) with gate and up fused into one matmul."""
+    """down(act(gate(x)) * up(x)) with gate and up fused into one matmul. `lora_prefix`: the
+    name LoRA adapters give this block's projections (runtime_lib/lora.py)."""
 
-    def __init__(self, hidden_size: int, intermediate_size: int, hidden_act: str = "silu") -> None:
+    def __init__(self, hidden_size: int, intermediate_size: int, hidden_act: str = "silu",
+                 lora_prefix: str = "mlp") -> None:
         super().__init__()
         self.intermediate_size = intermediate_size
         self.gate_up_proj = nn.Linear(hidden_size, 2 * intermediate_size, bias=False)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
         self.act = get_activation(hidden_act)
+        self.lora_prefix = lora_prefix
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, lora: LoraBatch | None = None) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)                                 # (T, 2*I)
+        if lora is not None:
+            gate_up = lora.apply(f"{self.lora_prefix}.gate_up_proj", x, gate_up)
         gate, up = gate_up.split(self.intermediate_size, dim=-1)       # (T, I) each
-        return self.down_proj(self.act(gate) * up)                     # (T, H)
+        h = self.act(gate) * up
+        y = self.down_proj(h)                                          # (T, H)
+        return y if lora is None else lora.apply(f"{self.lora_prefix}.down_proj", h, y)
 
 
 class MLP(nn.Module):

@@ -2,6 +2,8 @@
 (fused qkv_proj), SiLU-gated MLP (fused gate_up_proj) and an optional sliding window."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -12,6 +14,9 @@ from ..layers.mlp import GatedMLP
 from ..layers.norms import RMSNorm
 from ..layers.rotary import RotaryEmbedding
 from .weights import WeightSpec
+
+if TYPE_CHECKING:
+    from ..lora import LoraBatch
 
 
 class LlamaAttention(nn.Module):
@@ -33,11 +38,14 @@ class LlamaAttention(nn.Module):
                                 bias=config.qkv_bias and self.o_proj_bias_follows_qkv)
         self.rotary = RotaryEmbedding(self.head_size, config.max_position_embeddings, config.rope_theta,
                                       config.rope_scaling, config.max_seq_len)
+        self.lora_prefix = f"layers.{layer_idx}.self_attn"   # LoRA adapters' name for these projections
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, kv_layer: torch.Tensor,
-                meta: AttentionMetadata) -> torch.Tensor:
+                meta: AttentionMetadata, lora: LoraBatch | None = None) -> torch.Tensor:
         T = x.shape[0]
         qkv = self.qkv_proj(x)                                                  # (T, q + 2kv)
+        if lora is not None:
+            qkv = lora.apply(f"{self.lora_prefix}.qkv_proj", x, qkv)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(T, self.num_heads, self.head_size)                           # (T, h, d)
         k = k.view(T, self.num_kv_heads, self.head_size)                        # (T, kvh, d)
@@ -45,7 +53,9 @@ class LlamaAttention(nn.Module):
         q, k = self.rotary(positions, q, k, meta.max_context_len)
         write_kv(kv_layer, k, v, meta.slot_mapping)
         out = paged_attention(q, kv_layer, meta, self.scale, self.sliding_window)  # (T, h, d)
-        return self.o_proj(out.reshape(T, self.q_size))                         # (T, H)
+        out = out.reshape(T, self.q_size)
+        y = self.o_proj(out)                                                    # (T, H)
+        return y if lora is None else lora.apply(f"{self.lora_prefix}.o_proj", out, y)
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -56,12 +66,13 @@ class LlamaDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.norm_epsilon)
         self.self_attn = self.attention_cls(config, layer_idx)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.norm_epsilon)
-        self.mlp = GatedMLP(config.hidden_size, config.intermediate_size, config.hidden_act)
+        self.mlp = GatedMLP(config.hidden_size, config.intermediate_size, config.hidden_act,
+                            lora_prefix=f"layers.{layer_idx}.mlp")
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, kv_layer: torch.Tensor,
-                meta: AttentionMetadata) -> torch.Tensor:
-        x = x + self.self_attn(positions, self.input_layernorm(x), kv_layer, meta)   # (T, H)
-        return x + self.mlp(self.post_attention_layernorm(x))                        # (T, H)
+                meta: AttentionMetadata, lora: LoraBatch | None = None) -> torch.Tensor:
+        x = x + self.self_attn(positions, self.input_layernorm(x), kv_layer, meta, lora)   # (T, H)
+        return x + self.mlp(self.post_attention_layernorm(x), lora)                        # (T, H)
 
 
 class LlamaForCausalLM(nn.Module):
@@ -83,12 +94,14 @@ class LlamaForCausalLM(nn.Module):
         return self.embed_tokens
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor,
-                meta: AttentionMetadata, inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+                meta: AttentionMetadata, inputs_embeds: torch.Tensor | None = None,
+                lora: LoraBatch | None = None) -> torch.Tensor:
         """input_ids, positions: (T,) flattened over sequences; kv_cache: (L, 2, nb, bs, kvh, d).
-        `inputs_embeds` (T, H): token embeddings to use instead of `embed_tokens(input_ids)`."""
+        `inputs_embeds` (T, H): token embeddings to use instead of `embed_tokens(input_ids)`.
+        `lora`: this step's LoRA adapters and the tokens each one serves (runtime_lib/lora.py)."""
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # (T, H)
         for i, layer in enumerate(self.layers):
-            x = layer(positions, x, kv_cache[i], meta)
+            x = layer(positions, x, kv_cache[i], meta, lora)
         return self.norm(x)                                                     # (T, H)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -262,14 +262,14 @@ def test_missing_directory_is_named(tmp_path):
 
 
 def test_unsupported_arguments_fail_instead_of_being_ignored(engine_runner, tmp_path):
-    with pytest.raises(NotImplementedError, match="LoRA"):
+    with pytest.raises(ValueError, match="lora_uids name adapters, but none are loaded: pass lora_dir"):
         engine_runner.generate(tensors(PROMPTS[:1]), end_id=EOS_ID, pad_id=PAD_ID, lora_uids=["7"])
     with pytest.raises(ValueError, match="lora_uids must have one entry per prompt"):
         engine_runner.generate(tensors(PROMPTS[:2]), end_id=EOS_ID, pad_id=PAD_ID, lora_uids=["-1"])
     with pytest.raises(ValueError, match="prompt_table"):
         engine_runner.generate(tensors(PROMPTS[:1]), end_id=EOS_ID, pad_id=PAD_ID, prompt_table=torch.zeros(2, 3))
-    with pytest.raises(NotImplementedError, match="LoRA"):
-        ModelRunner.from_dir(tmp_path, lora_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="needs adapter_config.json and adapter_model.safetensors"):
+        ModelRunner.from_engine(engine_runner.session.runtime, lora_dir=str(tmp_path))
 
 
 def test_end_id_defaults_to_the_checkpoint_eos(engine_runner):
