@@ -31,14 +31,17 @@ class BeamGroup:
     @classmethod
     def start(cls, session: Session, model_config: ModelConfig, request_id: str, prompt: list[int],
               sampling: SamplingConfig, on_output: Callable[[RequestOutput], None],
-              tokenizer: Any = None, prompt_table: torch.Tensor | None = None) -> BeamGroup:
-        """Set up the group's session and stream (nothing runs until `advance`)."""
+              tokenizer: Any = None, prompt_table: torch.Tensor | None = None,
+              lora: tuple[Any, str] | None = None) -> BeamGroup:
+        """Set up the group's session and stream (nothing runs until `advance`). `lora`: the
+        engine's lora.LoraManager and the request's adapter uid."""
         from .generation import GenerationSession  # generation imports the engine's peers
 
         if sampling.num_beams > model_config.max_beam_width:
             raise ValueError(f"beam_width must be in [1, {model_config.max_beam_width}], got {sampling.num_beams}")
         gen = GenerationSession(model_config, session, cuda_graphs=False)  # a graph set per request: too costly
-        gen.setup(1, len(prompt), sampling.max_new_tokens, sampling.num_beams)
+        gen.setup(1, len(prompt), sampling.max_new_tokens, sampling.num_beams,
+                  **({} if lora is None else {"lora_manager": lora[0], "lora_uids": [lora[1]]}))
         scfg = sampling.copy()
         scfg.update(return_dict=True, output_sequence_lengths=True, output_cum_log_probs=True,
                     output_log_probs=True)

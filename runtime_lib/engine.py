@@ -28,6 +28,7 @@ import threading
 import time
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -36,6 +37,7 @@ from .beam_group import BeamGroup
 from .config import SamplingConfig, kv_cache_torch_dtype
 from .engine_io import EngineBusyError, EngineConfig, EngineStats, RequestOutput, RequestStream
 from .kv_cache import BlocksManager
+from .lora import LoraBatch
 from .model_step import HostCopy, StepRow, apply_block_copies, build_step_inputs, to_device
 from .sampling import SampleOutput, SamplingParams, SamplingTensors, random_seed, sample
 from .scheduler import QueueFullError, RequestRejectedError, Scheduler, SchedulerConfig, SchedulerOutput
@@ -71,6 +73,7 @@ class _RequestState:
     pending_row: int = -1
     detokenizer: Any = None                  # IncrementalDetokenizer when text deltas are wanted
     prompt_table: torch.Tensor | None = None  # (P, H): prompt ids V..V+P-1 read these rows
+    lora: Any = None                          # the request's lora.LoraAdapter, or None
 
 
 @dataclass(slots=True)
@@ -101,6 +104,7 @@ class LLMEngine:
         self.max_seq_len = min(config.max_seq_len or mc.max_seq_len, mc.max_seq_len)
         self.max_input_len = min(mc.max_input_len, self.max_seq_len - 1)
         self.tokenizer = _try_load_tokenizer(config.model_dir)
+        self.lora_manager = self._load_lora_adapters(config.lora_dir)  # before the pool takes the memory
         num_blocks = config.num_kv_blocks or self._default_num_blocks()
         # One block more than the manager hands out: CUDA-graph padding rows write there.
         self.kv_cache = self.session.allocate_kv_cache(num_blocks + 1, config.block_size, config.kv_cache_dtype)
@@ -146,15 +150,19 @@ class LLMEngine:
     def add_request(self, request_id: str, prompt_ids: list[int], sampling: SamplingConfig, *,
                     on_output: Callable[[RequestOutput], None] | None = None,
                     priority: int = 0, detokenize: bool = False,
-                    prompt_table: torch.Tensor | None = None) -> RequestStream | None:
+                    prompt_table: torch.Tensor | None = None, lora_uid: str | None = None) -> RequestStream | None:
         """Queue a request. Raises ValueError (bad input, naming the field) or EngineBusyError.
         Outputs go to `on_output` (called on the engine thread: only enqueue there), or, without
         it, to the returned `RequestStream`. `detokenize=True` adds each output's text delta
         (`RequestOutput.text`; the deltas concatenate to the decoded output) using the
         tokenizer found in the model directory; servers that detokenize elsewhere leave it off.
         `prompt_table` (P, hidden) (or (1, P, hidden)): prompt tuning, prompt id vocab_size + i
-        reads row i (tensorrtllm_backend's `prompt_embedding_table`)."""
+        reads row i (tensorrtllm_backend's `prompt_embedding_table`). `lora_uid`: the LoRA
+        adapter of `EngineConfig.lora_dir` to serve the request with (None or "-1": none)."""
         table, salt = self._check_prompt_table(prompt_table)
+        lora = self._lora_adapter(lora_uid)
+        if lora is not None:  # its KV differs from the base model's: its own prefix-cache namespace
+            salt = ("lora", lora.uid) if salt is None else (salt, ("lora", lora.uid))
         prompt = self._check_prompt(prompt_ids, sampling, 0 if table is None else table.shape[0])
         if detokenize and self.tokenizer is None:
             raise ValueError("detokenize=True needs tokenizer files in the model directory; none were found")
@@ -165,7 +173,7 @@ class LLMEngine:
             on_output = stream.put
         if sampling.num_beams > 1:
             self._add_beam_request(request_id, prompt, sampling, on_output,
-                                   self.tokenizer if detokenize else None, table)
+                                   self.tokenizer if detokenize else None, table, lora)
             return stream
         params = SamplingParams.list_from_config(sampling, 1)[0]
         base_seed = params.seed if params.seed is not None else random_seed()
@@ -180,7 +188,7 @@ class LLMEngine:
                 matcher=StopWordsMatcher(p.stop_words) if p.stop_words else None,
                 want_log_probs=bool(sampling.output_log_probs or sampling.output_cum_log_probs),
                 needs_history=_needs_history(p),
-                detokenizer=self.tokenizer.incremental() if detokenize else None, prompt_table=table)
+                detokenizer=self.tokenizer.incremental() if detokenize else None, prompt_table=table, lora=lora)
             seqs.append(seq)
         seqs[0].data.siblings = seqs[1:]
         with self._lock:
@@ -257,6 +265,28 @@ class LLMEngine:
         wanted = max(per_seq, int(cfg.max_num_seqs * per_seq * cfg.kv_cache_memory_fraction))
         available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
         return max(1, min(wanted, int(available * cfg.kv_cache_memory_fraction) // bytes_per_block))
+
+    def _load_lora_adapters(self, lora_dir: str | None) -> Any:
+        """A lora.LoraManager with every adapter directory under `lora_dir`, by directory name."""
+        if lora_dir is None:
+            return None
+        from .lora import LoraManager
+
+        root = Path(lora_dir)
+        dirs = sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+        if not dirs:
+            raise ValueError(f"lora_dir {lora_dir!r} must be a directory of LoRA adapter directories (one per "
+                             f"adapter, named by its uid / lora_task_id); found none")
+        manager = LoraManager()
+        manager.load_from_ckpt(dirs, self.model_config, uids=[p.name for p in dirs], device=self.device)
+        return manager
+
+    def _lora_adapter(self, lora_uid: Any) -> Any:
+        if lora_uid is None or str(lora_uid) == "-1":
+            return None
+        if self.lora_manager is None:
+            raise ValueError(f"lora_uid {str(lora_uid)!r}: this engine serves no LoRA adapters (set lora_dir)")
+        return self.lora_manager.adapters_for([str(lora_uid)], 1)[0]
 
     def _check_prompt_table(self, table: Any) -> tuple[torch.Tensor | None, Hashable | None]:
         """(the table on the device in the model's dtype, its prefix-cache salt) or (None, None):
@@ -395,6 +425,9 @@ class LLMEngine:
             inputs = build_step_inputs(rows, self.config.block_size, self.device,
                                        feed_tokens=prev.tokens if prev is not None else None)
             inputs.update(self._prompt_inputs(live))
+            if any(s.seq.data.lora is not None for s in live):
+                inputs["lora"] = LoraBatch.build([s.seq.data.lora for s in live], [len(s.token_ids) for s in live],
+                                                 self.device)
         inputs["kv_cache"] = self.kv_cache
         out: dict[str, torch.Tensor] = {}
         self.session.run(inputs, out)
@@ -567,9 +600,9 @@ class LLMEngine:
     # ------------------------------------------------------------ beam groups
     def _add_beam_request(self, request_id: str, prompt: list[int], sampling: SamplingConfig,
                           on_output: Callable[[RequestOutput], None], tokenizer: Any = None,
-                          prompt_table: torch.Tensor | None = None) -> None:
+                          prompt_table: torch.Tensor | None = None, lora: Any = None) -> None:
         group = BeamGroup.start(self.session, self.model_config, request_id, prompt, sampling, on_output,
-                                tokenizer, prompt_table)
+                                tokenizer, prompt_table, (self.lora_manager, lora.uid) if lora is not None else None)
         with self._lock:
             if any(g.request_id == request_id for g in self._beam_groups):
                 group.close()

@@ -28,6 +28,8 @@ class EngineConfig:
     quantization: str = "auto"                # "auto": the engine's (none, or fp8 if built so); "fp8": e4m3
                                               # weights, per-channel scales, per-token activations
     enable_prefix_caching: bool = True
+    lora_dir: str | None = None               # a directory of PEFT LoRA adapter directories, each served under
+                                              # its directory name (add_request(lora_uid=...); Llama family)
     max_queue_size: int = 1024
     max_seq_len: int | None = None            # None: the model's limit
     scheduling_policy: str = "fcfs"           # "fcfs" | "priority"

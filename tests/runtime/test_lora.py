@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from runtime_lib.config import ModelConfig
+from runtime_lib.config import ModelConfig, SamplingConfig
 from runtime_lib.lora import LoraBatch, LoraManager, load_hf_lora
 from runtime_lib.model_runner import ModelRunner
 
@@ -137,3 +137,78 @@ def test_bad_adapters_and_uids_name_the_problem(make_checkpoint, tmp_path):
     with pytest.raises(ValueError, match=r"LoRA adapters are supported for the \['llama', 'qwen2'\] families, "
                                          r"not 'gpt2'"):
         LoraManager().load_from_ckpt(str(tmp_path / "ok"), ModelConfig.from_dir(make_checkpoint("gpt2")))
+
+
+# ----------------------------------------------------------------------------- LLMEngine
+@pytest.fixture(scope="module")
+def lora_setup(make_checkpoint, tmp_path_factory):
+    """An engine serving adapters "a" and "b" from one lora_dir, and a ModelRunner with the
+    same two as uids "0" and "1" (the reference)."""
+    from runtime_lib.engine import EngineConfig, LLMEngine
+
+    ckpt = make_checkpoint("llama")
+    root = tmp_path_factory.mktemp("loras")
+    write_adapter(root / "a", ckpt, seed=11)
+    write_adapter(root / "b", ckpt, seed=12, r=2, targets=("k_proj", "up_proj", "down_proj"))
+    engine = LLMEngine(EngineConfig(model_dir=str(ckpt), device="cpu", block_size=4, num_kv_blocks=128,
+                                    max_num_batched_tokens=8, lora_dir=str(root)))
+    runner = ModelRunner.from_dir(ckpt, lora_dir=[str(root / "a"), str(root / "b")], device="cpu")
+    yield engine, runner
+    engine.shutdown()
+
+
+def engine_tokens(engine, rid: str, prompt: list[int], lora_uid=None, **kw):
+    outs: dict[int, list[int]] = {}
+    for o in engine.add_request(rid, prompt, SamplingConfig(end_id=-1, pad_id=0, max_new_tokens=NEW, **kw),
+                                lora_uid=lora_uid):
+        assert o.error is None, o.error
+        outs.setdefault(o.sequence_index, []).extend(o.new_token_ids)
+    return outs
+
+
+def test_engine_batches_requests_of_different_adapters_like_model_runner(lora_setup):
+    """Concurrent requests on adapters a, none, b (chunked prefill: an 8-token budget mixes
+    their prompt chunks and decode rows in one step) each get ModelRunner's tokens."""
+    engine, runner = lora_setup
+    reqs = [(PROMPTS[0] + PROMPTS[1], "a", "0"), (PROMPTS[1], None, "-1"), (PROMPTS[2] * 3, "b", "1")]
+    scfg_kw = dict(end_id=-1, pad_id=0, max_new_tokens=NEW)
+    streams = [engine.add_request(f"mix{i}", p, SamplingConfig(**scfg_kw), lora_uid=u)
+               for i, (p, u, _) in enumerate(reqs)]
+    together = [[t for o in s for t in o.new_token_ids] for s in streams]
+    for (p, _, uid), got in zip(reqs, together):
+        ref = runner.generate([torch.tensor(p)], lora_uids=[uid], **scfg_kw)
+        assert got == ref[0, 0, len(p):len(p) + NEW].tolist(), uid
+
+
+def test_engine_prefix_cache_keeps_adapters_apart_and_beams_use_theirs(lora_setup):
+    """The same prompt under adapter a, then without one, then under a again: each gets its
+    own model's tokens (a's cached KV is never served to the base model); a beam request uses
+    its adapter like ModelRunner's beam search."""
+    engine, runner = lora_setup
+    prompt = list(range(20, 33))                     # 3 full blocks of 4
+    ref = {uid: runner.generate([torch.tensor(prompt)], lora_uids=[uid], max_new_tokens=NEW, end_id=-1,
+                                pad_id=0)[0, 0, len(prompt):len(prompt) + NEW].tolist() for uid in ("0", "-1")}
+    assert ref["0"] != ref["-1"]
+    assert engine_tokens(engine, "p1", prompt, "a")[0] == ref["0"]
+    assert engine_tokens(engine, "p2", prompt)[0] == ref["-1"]
+    assert engine_tokens(engine, "p3", prompt, "a")[0] == ref["0"]
+    beams = engine_tokens(engine, "beam", prompt, "a", num_beams=2, num_return_sequences=2)
+    rb = runner.generate([torch.tensor(prompt)], lora_uids=["0"], max_new_tokens=NEW, end_id=-1, pad_id=0,
+                         num_beams=2, num_return_sequences=2)
+    assert [beams[i] for i in (0, 1)] == [rb[0, i, len(prompt):len(prompt) + NEW].tolist() for i in (0, 1)]
+
+
+def test_engine_rejects_unknown_adapters_naming_them(lora_setup, make_checkpoint):
+    from runtime_lib.engine import EngineConfig, LLMEngine
+
+    engine, _ = lora_setup
+    scfg = SamplingConfig(end_id=-1, pad_id=0, max_new_tokens=2)
+    with pytest.raises(ValueError, match=r"lora_uids has 'c', which is not a loaded adapter; loaded: \['a', 'b'\]"):
+        engine.add_request("bad", PROMPTS[0], scfg, lora_uid="c")
+    assert engine_tokens(engine, "after", PROMPTS[0], "b")[0]      # the engine keeps serving
+    plain = LLMEngine(EngineConfig(model_dir=str(make_checkpoint("llama")), device="cpu", num_kv_blocks=16))
+    try:
+        with pytest.raises(ValueError, match=r"lora_uid 'a': this engine serves no LoRA adapters \(set lora_dir\)"):
+            plain.add_request("x", PROMPTS[0], scfg, lora_uid="a")
+    finally:
+        plain.shutdown()
