@@ -22,6 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--top-p", type=float)
     ap.add_argument("--min-p", type=float)
     ap.add_argument("--seed", type=int)
+    ap.add_argument("--lora-task-id", type=int, help="serve with this LoRA adapter (the server's lora_dir)")
     ap.add_argument("--min-tokens", type=int)
     ap.add_argument("--repetition-penalty", type=float)
     ap.add_argument("--presence-penalty", type=float)
@@ -32,7 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     params = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p, "min_p": args.min_p,
-                  "seed": args.seed, "min_tokens": args.min_tokens, "repetition_penalty": args.repetition_penalty,
+                  "seed": args.seed, "lora_task_id": args.lora_task_id, "min_tokens": args.min_tokens,
+                  "repetition_penalty": args.repetition_penalty,
                   "presence_penalty": args.presence_penalty, "frequency_penalty": args.frequency_penalty,
                   "stop_words": args.stop, "exclude_input_in_output": not args.include_prompt,
                   "return_num_input_tokens": True, "return_num_output_tokens": True}

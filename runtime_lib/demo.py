@@ -84,6 +84,46 @@ def build_checkpoint(out_dir: str | Path, family: str = "llama", seed: int = 0,
     return out
 
 
+LORA_TARGETS = ("q_proj", "v_proj", "o_proj", "gate_proj", "down_proj")  # k_proj, up_proj left out
+
+
+def build_lora_adapter(out_dir: str | Path, model_dir: str | Path, seed: int = 0, r: int = 4, alpha: float = 8.0,
+                       rslora: bool = False, targets: tuple[str, ...] = LORA_TARGETS,
+                       **config: Any) -> dict[str, torch.Tensor]:
+    """Save a random PEFT LoRA adapter (adapter_config.json + adapter_model.safetensors) for the
+    Llama-family checkpoint in `model_dir`; `config` adds adapter_config.json fields. Returns
+    each target weight's update (HF name -> scaling * B @ A), what merging the adapter adds."""
+    import math
+
+    from safetensors.torch import save_file
+
+    hf = json.loads((Path(model_dir) / "config.json").read_text())
+    hidden, inter = hf["hidden_size"], hf["intermediate_size"]
+    head = hf.get("head_dim") or hidden // hf["num_attention_heads"]
+    q = hf["num_attention_heads"] * head
+    kv = (hf.get("num_key_value_heads") or hf["num_attention_heads"]) * head
+    shapes = {"q_proj": (q, hidden), "k_proj": (kv, hidden), "v_proj": (kv, hidden), "o_proj": (hidden, q),
+              "gate_proj": (inter, hidden), "up_proj": (inter, hidden), "down_proj": (hidden, inter)}
+    g = torch.Generator().manual_seed(seed)
+    scaling = alpha / math.sqrt(r) if rslora else alpha / r
+    tensors, deltas = {}, {}
+    for layer in range(hf["num_hidden_layers"]):
+        for t in targets:
+            name = f"model.layers.{layer}.{'mlp' if t in ('gate_proj', 'up_proj', 'down_proj') else 'self_attn'}.{t}"
+            n_out, n_in = shapes[t]
+            a, b = torch.randn(r, n_in, generator=g) * 0.3, torch.randn(n_out, r, generator=g) * 0.3
+            tensors[f"base_model.model.{name}.lora_A.weight"] = a
+            tensors[f"base_model.model.{name}.lora_B.weight"] = b
+            deltas[name + ".weight"] = scaling * b @ a
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out / "adapter_model.safetensors"))
+    cfg = {"peft_type": "LORA", "r": r, "lora_alpha": alpha, "target_modules": list(targets), "bias": "none",
+           "fan_in_fan_out": False, "use_rslora": rslora, "task_type": "CAUSAL_LM", **config}
+    (out / "adapter_config.json").write_text(json.dumps(cfg))
+    return deltas
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--family", default="llama", choices=FAMILIES)

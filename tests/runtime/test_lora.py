@@ -3,8 +3,6 @@ per prompt in one batch, against transformers running the base model with each a
 into its weights (W + scaling * B @ A)."""
 from __future__ import annotations
 
-import json
-import math
 from pathlib import Path
 
 import pytest
@@ -17,37 +15,14 @@ from runtime_lib.model_runner import ModelRunner
 
 PROMPTS = [[1, 17, 42, 99, 250, 7], [5, 6, 7, 8, 9, 10, 11], [300, 2, 44]]
 NEW = 10
-TARGETS = ("q_proj", "v_proj", "o_proj", "gate_proj", "down_proj")  # k_proj, up_proj left out
 
 
-def write_adapter(out: Path, ckpt: Path, seed: int, r: int = 4, alpha: float = 8.0, rslora: bool = False,
-                  targets: tuple[str, ...] = TARGETS, **config) -> dict[str, torch.Tensor]:
-    """A PEFT LoRA directory for the checkpoint at `ckpt`; returns each target weight's delta
-    (HF name -> scaling * B @ A)."""
-    hf = json.loads((ckpt / "config.json").read_text())
-    hidden, inter = hf["hidden_size"], hf["intermediate_size"]
-    head = hidden // hf["num_attention_heads"]
-    kv = hf.get("num_key_value_heads", hf["num_attention_heads"]) * head
-    shapes = {"q_proj": (hidden, hidden), "k_proj": (kv, hidden), "v_proj": (kv, hidden), "o_proj": (hidden, hidden),
-              "gate_proj": (inter, hidden), "up_proj": (inter, hidden), "down_proj": (hidden, inter)}
-    g = torch.Generator().manual_seed(seed)
-    scaling = alpha / math.sqrt(r) if rslora else alpha / r
-    tensors, deltas = {}, {}
-    for layer in range(hf["num_hidden_layers"]):
-        for t in targets:
-            block = "self_attn" if t in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
-            name = f"model.layers.{layer}.{block}.{t}"
-            n_out, n_in = shapes[t]
-            a, b = torch.randn(r, n_in, generator=g) * 0.3, torch.randn(n_out, r, generator=g) * 0.3
-            tensors[f"base_model.model.{name}.lora_A.weight"] = a
-            tensors[f"base_model.model.{name}.lora_B.weight"] = b
-            deltas[name + ".weight"] = scaling * b @ a
-    out.mkdir(parents=True)
-    save_file(tensors, str(out / "adapter_model.safetensors"))
-    cfg = {"peft_type": "LORA", "r": r, "lora_alpha": alpha, "target_modules": list(targets), "bias": "none",
-           "fan_in_fan_out": False, "use_rslora": rslora, "task_type": "CAUSAL_LM", **config}
-    (out / "adapter_config.json").write_text(json.dumps(cfg))
-    return deltas
+def write_adapter(out: Path, ckpt: Path, seed: int, **kw) -> dict[str, torch.Tensor]:
+    """A PEFT LoRA directory for the checkpoint at `ckpt` (runtime_lib.demo.build_lora_adapter)."""
+    from runtime_lib.demo import build_lora_adapter
+
+    assert not out.exists()
+    return build_lora_adapter(out, ckpt, seed, **kw)
 
 
 def hf_greedy(ckpt: Path, deltas: dict[str, torch.Tensor] | None, prompt: list[int]) -> list[int]:

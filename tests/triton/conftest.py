@@ -44,6 +44,7 @@ class Server:
     grpc_url: str
     metrics_url: str
     log_path: Path
+    lora_dir: Path | None = None   # generation's lora_dir: adapters "1" and "2" (lora_task_id)
 
     def metrics(self) -> dict[str, float]:
         """Triton's Prometheus metrics (name{labels} -> value), unlabelled names for ours."""
@@ -76,12 +77,18 @@ def triton_server(make_checkpoint, tmp_path_factory):
     binary = triton_root / "bin" / "tritonserver"
     if not (triton_root / "backends" / "python" / "triton_python_backend_stub").exists():
         pytest.skip("the Triton Python backend stub is not installed (run `make setup`)")
+    from runtime_lib.demo import build_lora_adapter
+
     model_dir = make_checkpoint("llama")
+    lora_dir = tmp_path_factory.mktemp("loras")
+    build_lora_adapter(lora_dir / "1", model_dir, seed=1)
+    build_lora_adapter(lora_dir / "2", model_dir, seed=2, r=2, targets=("k_proj", "up_proj", "down_proj"))
     ports = {name: _free_port() for name in ("http", "grpc", "metrics")}
     log_path = tmp_path_factory.mktemp("tritonserver") / "server.log"
     env = dict(os.environ, **ENGINE_ENV)
     env["LLM_PYTHON_PATH"] = os.pathsep.join([sysconfig.get_paths()["purelib"], str(ROOT)])
     env["LLM_MODEL_DIR"] = str(model_dir)
+    env["LLM_LORA_DIR"] = str(lora_dir)
     env["TOKENIZERS_PARALLELISM"] = "false"
     cmd = [str(binary), f"--model-repository={ROOT / 'model_repository'}",
            f"--backend-directory={triton_root / 'backends'}",
@@ -93,7 +100,7 @@ def triton_server(make_checkpoint, tmp_path_factory):
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     server = Server(model_dir, f"127.0.0.1:{ports['http']}", f"127.0.0.1:{ports['grpc']}",
-                    f"http://127.0.0.1:{ports['metrics']}/metrics", log_path)
+                    f"http://127.0.0.1:{ports['metrics']}/metrics", log_path, lora_dir)
     try:
         deadline = time.monotonic() + 240
         while True:

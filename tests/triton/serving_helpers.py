@@ -15,7 +15,7 @@ GRPC_DTYPES = {
     "min_tokens": np.int32, "min_length": np.int32, "end_id": np.int32, "pad_id": np.int32,
     "temperature": np.float32, "top_p": np.float32, "min_p": np.float32, "length_penalty": np.float32,
     "repetition_penalty": np.float32, "presence_penalty": np.float32, "frequency_penalty": np.float32,
-    "seed": np.uint64, "random_seed": np.uint64,
+    "seed": np.uint64, "random_seed": np.uint64, "lora_task_id": np.uint64,
     "stream": np.bool_, "exclude_input_in_output": np.bool_, "ignore_eos": np.bool_,
     "return_log_probs": np.bool_, "return_context_logits": np.bool_, "return_generation_logits": np.bool_,
     "return_num_input_tokens": np.bool_, "return_num_output_tokens": np.bool_,

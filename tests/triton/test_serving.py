@@ -369,6 +369,39 @@ def test_generation_model_speaks_tensorrtllm_names(triton_server, offline, token
     assert out["output_ids"][0, 0, :n].tolist() == prompt_ids + gen_ids
 
 
+def test_lora_task_id_serves_the_adapter_of_that_directory(triton_server, tokenizer):
+    """`lora_task_id` (tensorrtllm_backend's input) picks an adapter of generation's lora_dir:
+    the tokens equal ModelRunner with that adapter, through generation (ids) and the ensemble
+    (text, client library); an unknown id and lora_weights are refused naming the input."""
+    lora = triton_server.lora_dir
+    runner = ModelRunner.from_dir(triton_server.model_dir, lora_dir=[str(lora / "1"), str(lora / "2")], device="cpu")
+    prompt = tokenizer.encode(PROMPTS[0])
+
+    def offline(uid: str) -> list[int]:
+        out = runner.generate([torch.tensor(prompt)], max_new_tokens=8, end_id=-1, pad_id=0, lora_uids=[uid])
+        return out[0, 0, len(prompt):len(prompt) + 8].tolist()
+
+    base = [tensor("input_ids", np.array([prompt], np.int32), np.int32), tensor("input_lengths", len(prompt), np.int32),
+            tensor("request_output_len", 8, np.int32), tensor("end_id", -1, np.int32),
+            tensor("exclude_input_in_output", True, np.bool_)]
+    refs = {}
+    for task_id, uid in ((1, "0"), (2, "1")):
+        res = grpc_stream(triton_server.grpc_url, "generation", base + [tensor("lora_task_id", task_id)])
+        assert res.error is None and res.num_final == 1
+        out = res.responses[0]
+        refs[task_id] = offline(uid)
+        assert out["output_ids"][0, 0, :int(out["sequence_length"][0, 0])].tolist() == refs[task_id]
+    assert refs[1] != offline("-1")
+    with client(triton_server, "grpc") as llm:
+        result = llm.generate(PROMPTS[0], 8, exclude_input_in_output=True, ignore_eos=True, lora_task_id=1)
+        assert result.text == tokenizer.decode(refs[1])
+        with pytest.raises(LLMClientError, match=r"lora_task_id 7 is not a loaded LoRA adapter; loaded: \['1', '2'\]"):
+            llm.generate(PROMPTS[0], 8, lora_task_id=7)
+    weights = tensor("lora_weights", np.zeros((1, 1, 4), np.float16), np.float16)
+    res = grpc_stream(triton_server.grpc_url, "generation", base + [tensor("lora_task_id", 1), weights])
+    assert res.error is not None and "lora_weights" in str(res.error) and "lora_task_id alone" in str(res.error)
+
+
 def test_generation_takes_a_prompt_embedding_table_like_tensorrtllm_backend(triton_server, tokenizer):
     """Prompt tuning over the wire: `prompt_embedding_table` [1, rows, hidden] FP16 and
     `prompt_vocab_size`; prompt ids vocab_size + i read row i. Equals ModelRunner with the table

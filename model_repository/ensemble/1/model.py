@@ -56,15 +56,15 @@ _FORWARDED: list[tuple[tuple[str, ...], str, str, Any, dict[str, Any]]] = [
     (("seed", "random_seed"), "seed", "int", np.uint64, {"lo": 0}),
     (("ignore_eos",), "ignore_eos", "bool", np.bool_, {}),
     (("return_log_probs",), "return_log_probs", "bool", np.bool_, {}),
+    (("lora_task_id",), "lora_task_id", "int", np.uint64, {"lo": 0}),
 ]
 _UNSUPPORTED = {
     "return_context_logits": "this engine does not return context logits",
     "return_generation_logits": "this engine does not return generation logits",
     "prompt_embedding_table": "prompt tuning needs virtual token ids: send input_ids to the generation model",
     "prompt_vocab_size": "prompt tuning needs virtual token ids: send input_ids to the generation model",
-    "lora_task_id": "this engine has no LoRA support",
-    "lora_weights": "this engine has no LoRA support",
-    "lora_config": "this engine has no LoRA support",
+    "lora_weights": "LoRA adapters are loaded at start from generation's lora_dir parameter; send lora_task_id alone",
+    "lora_config": "LoRA adapters are loaded at start from generation's lora_dir parameter; send lora_task_id alone",
 }
 # generation / SamplingConfig field names -> the names this model's clients sent.
 _FIELD_NAMES = {

@@ -42,9 +42,10 @@ _UNSUPPORTED = {
     "return_context_logits": "this engine does not return context logits",
     "return_generation_logits": "this engine does not return generation logits",
     "embedding_bias": "this engine has no embedding bias",
-    "lora_task_id": "this engine has no LoRA support",
-    "lora_weights": "this engine has no LoRA support",
-    "lora_config": "this engine has no LoRA support",
+    "lora_weights": "LoRA adapters are loaded at start from the lora_dir parameter (one directory per task id); "
+                    "send lora_task_id alone",
+    "lora_config": "LoRA adapters are loaded at start from the lora_dir parameter (one directory per task id); "
+                   "send lora_task_id alone",
 }
 
 
@@ -110,6 +111,7 @@ class TritonPythonModel:
             kv_cache_memory_fraction=params.float("kv_cache_free_gpu_mem_fraction", 0.9, 0.0, 1.0),
             kv_cache_dtype=params.str("kv_cache_dtype", "auto"),
             quantization=params.str("quantization", "auto"),
+            lora_dir=params.str("lora_dir") or None,
             enable_prefix_caching=params.bool("enable_kv_cache_reuse", True),
             max_queue_size=params.int("max_queue_size", 1024, lo=1),
             max_seq_len=params.int("max_seq_len", None, lo=2),
@@ -188,9 +190,10 @@ class TritonPythonModel:
                 self._by_request_id.setdefault(request_id, []).append(call)
         added: list[str] = []
         try:
-            for (engine_id, row), sampling, table in zip(call.rows.items(), plan["samplings"], plan["prompt_tables"]):
+            for (engine_id, row), sampling, table, lora in zip(call.rows.items(), plan["samplings"],
+                                                               plan["prompt_tables"], plan["lora_uids"]):
                 self.engine.add_request(engine_id, row.prompt_ids, sampling, on_output=self._on_output,
-                                        prompt_table=table)
+                                        prompt_table=table, lora_uid=lora)
                 added.append(engine_id)
         except BaseException:
             for engine_id in added:
@@ -260,9 +263,22 @@ class TritonPythonModel:
             except ValueError as e:
                 raise InputError(str(e)) from None
         return {"prompts": prompts, "samplings": samplings, "end_id": end_ids[0],
-                "prompt_tables": _prompt_tables(inputs, batch),
+                "prompt_tables": _prompt_tables(inputs, batch), "lora_uids": self._lora_uids(inputs, batch),
                     "streaming": bool(inputs.scalar("streaming", "bool", False)[0]),
                     "exclude_input": bool(inputs.scalar("exclude_input_in_output", "bool", False)[0])}
+
+    def _lora_uids(self, inputs: RequestInputs, batch: int) -> list[str | None]:
+        """Each row's adapter: `lora_task_id` names a directory of the `lora_dir` parameter."""
+        if inputs.array("lora_task_id") is None:
+            return [None] * batch
+        manager = self.engine.lora_manager
+        loaded = manager.lora_uids if manager is not None else []
+        uids = [str(t) for t in inputs.scalar("lora_task_id", "int", None, batch, lo=0)]
+        unknown = sorted(set(uids) - set(loaded))
+        if unknown:
+            raise InputError(f"lora_task_id {unknown[0]} is not a loaded LoRA adapter; loaded: {loaded} "
+                             f"(the lora_dir parameter's directories, named by task id)")
+        return list(uids)
 
     def _stop(self, request_id: str, sender: Any) -> None:
         if not request_id:
