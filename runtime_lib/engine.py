@@ -281,6 +281,16 @@ class LLMEngine:
         manager.load_from_ckpt(dirs, self.model_config, uids=[p.name for p in dirs], device=self.device)
         return manager
 
+    def add_lora_adapter(self, adapter: Any) -> None:
+        """Serve a lora.LoraAdapter (e.g. one a request uploaded, lora.lora_from_trtllm) under its
+        uid from now on; requests already running keep the adapter they started with."""
+        from .lora import LoraManager
+
+        with self._lock:
+            if self.lora_manager is None:
+                self.lora_manager = LoraManager()
+            self.lora_manager.add(adapter)
+
     def _lora_adapter(self, lora_uid: Any) -> Any:
         if lora_uid is None or str(lora_uid) == "-1":
             return None

@@ -22,13 +22,12 @@ import torch
 
 from .config import ModelConfig
 
-# PEFT target module -> (our fused module under layers.{i}, index of its part in the fusion)
-_PARTS = {"q_proj": ("self_attn.qkv_proj", 0), "k_proj": ("self_attn.qkv_proj", 1), "v_proj": ("self_attn.qkv_proj", 2),
-          "o_proj": ("self_attn.o_proj", 0), "gate_proj": ("mlp.gate_up_proj", 0), "up_proj": ("mlp.gate_up_proj", 1),
-          "down_proj": ("mlp.down_proj", 0)}
 _KEY = re.compile(r"layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.\w+)?\.weight$")
 LORA_FAMILIES = ("llama", "qwen2")
 NO_ADAPTER = ("-1", "None", None)  # TRT-LLM's lora_uids entry for a row without an adapter
+# TensorRT-LLM's LoRA module ids (its `lora_config` rows) -> the projection part each adapts.
+TRTLLM_MODULE_IDS = {0: "qkv_proj", 1: "q_proj", 2: "k_proj", 3: "v_proj", 4: "o_proj", 5: "gate_proj",
+                     6: "down_proj", 7: "up_proj"}
 
 
 @dataclass(frozen=True)
@@ -41,10 +40,51 @@ class LoraAdapter:
     weights: dict[str, tuple[torch.Tensor, torch.Tensor]]
 
 
-def _part_sizes(config: ModelConfig) -> dict[str, list[int]]:
+def _geometry(config: ModelConfig) -> dict[str, tuple[str, int, int, int]]:
+    """Each part an adapter may target -> (our fused module, its first output row, its output
+    rows, its input size)."""
+    H, inter = config.hidden_size, config.intermediate_size
     q, kv = config.num_heads * config.head_size, config.num_kv_heads * config.head_size
-    return {"self_attn.qkv_proj": [q, kv, kv], "self_attn.o_proj": [config.hidden_size],
-            "mlp.gate_up_proj": [config.intermediate_size] * 2, "mlp.down_proj": [config.hidden_size]}
+    return {"q_proj": ("self_attn.qkv_proj", 0, q, H), "k_proj": ("self_attn.qkv_proj", q, kv, H),
+            "v_proj": ("self_attn.qkv_proj", q + kv, kv, H), "qkv_proj": ("self_attn.qkv_proj", 0, q + 2 * kv, H),
+            "o_proj": ("self_attn.o_proj", 0, H, q), "gate_proj": ("mlp.gate_up_proj", 0, inter, H),
+            "up_proj": ("mlp.gate_up_proj", inter, inter, H), "down_proj": ("mlp.down_proj", 0, H, inter)}
+
+
+def _fuse(config: ModelConfig, parts: list[tuple[int, str, torch.Tensor, torch.Tensor]], uid: str, where: str,
+          device: str | torch.device, dtype: torch.dtype | None) -> LoraAdapter:
+    """(layer, part, A (r, in), B (out, r) already scaled) per adapted part -> a LoraAdapter
+    per fused module: A stacked, B block-diagonal (zeros where a part is not adapted)."""
+    geometry = _geometry(config)
+    totals = {"self_attn.qkv_proj": (config.num_heads + 2 * config.num_kv_heads) * config.head_size,
+              "self_attn.o_proj": config.hidden_size, "mlp.gate_up_proj": 2 * config.intermediate_size,
+              "mlp.down_proj": config.hidden_size}
+    fused: dict[str, list[tuple[int, torch.Tensor, torch.Tensor]]] = {}
+    seen: set[tuple[int, str]] = set()
+    for layer, part, a, b in parts:
+        if part not in geometry:
+            raise ValueError(f"{where}: {part!r} is not one of the decoder projections {sorted(geometry)}")
+        if not 0 <= layer < config.num_layers:
+            raise ValueError(f"{where}: layer {layer} is outside the model's {config.num_layers} layers")
+        if (layer, part) in seen:
+            raise ValueError(f"{where}: layer {layer} {part} is given twice")
+        seen.add((layer, part))
+        module, row0, rows, cols = geometry[part]
+        if a.dim() != 2 or b.dim() != 2 or a.shape[1] != cols or b.shape[0] != rows or a.shape[0] != b.shape[1]:
+            raise ValueError(f"{where}: layer {layer} {part} has A {tuple(a.shape)} and B {tuple(b.shape)}; the "
+                             f"model needs A (r, {cols}) and B ({rows}, r)")
+        fused.setdefault(f"layers.{layer}.{module}", []).append((row0, a.float(), b.float()))
+    weights = {}
+    for module, items in fused.items():
+        a_all = torch.cat([a for _, a, _ in items])                                # (R, in)
+        b_all = torch.zeros(totals[module.split(".", 2)[2]], a_all.shape[0])      # (out, R), block-diagonal
+        col = 0
+        for row0, a, b in items:
+            b_all[row0:row0 + b.shape[0], col:col + a.shape[0]] = b
+            col += a.shape[0]
+        weights[module] = (a_all.to(device, dtype or config.torch_dtype), b_all.to(device, dtype or config.torch_dtype))
+    rank = max((a.shape[0] for _, _, a, _ in parts), default=0)
+    return LoraAdapter(uid=uid, rank=rank, weights=weights)
 
 
 def load_hf_lora(path: str | Path, config: ModelConfig, uid: str, device: str | torch.device = "cpu",
@@ -69,43 +109,77 @@ def load_hf_lora(path: str | Path, config: ModelConfig, uid: str, device: str | 
             raise ValueError(f"LoRA adapter {str(path)!r}: {key}={cfg.get(key)!r} is not supported")
     r, alpha = int(cfg["r"]), float(cfg.get("lora_alpha", cfg["r"]))
     scaling = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
-    dtype = dtype or config.torch_dtype
-    parts: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    where = f"LoRA adapter {str(path)!r}"
+    halves: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     for name, tensor in load_file(str(weights_file)).items():
         m = _KEY.search(name)
-        if m is None or m.group(2) not in _PARTS:
-            raise ValueError(f"LoRA adapter {str(path)!r}: weight {name!r} is not a lora_A/lora_B of the decoder "
-                             f"projections {sorted(_PARTS)}")
-        layer = int(m.group(1))
-        if not 0 <= layer < config.num_layers:
-            raise ValueError(f"LoRA adapter {str(path)!r}: {name!r} names layer {layer}; the model has "
-                             f"{config.num_layers}")
-        parts.setdefault((layer, m.group(2)), {})[m.group(3)] = tensor.float()
-    sizes = _part_sizes(config)
-    fused: dict[str, list[tuple[int, torch.Tensor, torch.Tensor]]] = {}
-    for (layer, part), ab in sorted(parts.items()):
+        if m is None or m.group(2) not in _geometry(config):
+            raise ValueError(f"{where}: weight {name!r} is not a lora_A/lora_B of the decoder projections "
+                             f"{sorted(_geometry(config))}")
+        halves.setdefault((int(m.group(1)), m.group(2)), {})[m.group(3)] = tensor
+    parts = []
+    for (layer, part), ab in sorted(halves.items()):
         if set(ab) != {"A", "B"}:
-            raise ValueError(f"LoRA adapter {str(path)!r}: layer {layer} {part} has lora_{''.join(ab)} only")
-        module, index = _PARTS[part]
-        a, b = ab["A"], ab["B"]
-        rows, cols = sizes[module][index], config.intermediate_size if part == "down_proj" else (
-            config.num_heads * config.head_size if part == "o_proj" else config.hidden_size)
-        if a.shape[1] != cols or b.shape[0] != rows or a.shape[0] != b.shape[1]:
-            raise ValueError(f"LoRA adapter {str(path)!r}: layer {layer} {part} has A {tuple(a.shape)} and B "
-                             f"{tuple(b.shape)}; the model needs A (r, {cols}) and B ({rows}, r)")
-        fused.setdefault(f"layers.{layer}.{module}", []).append((index, a, b * scaling))
-    weights = {}
-    for module, items in fused.items():
-        out_sizes = sizes[module.split(".", 2)[2]]
-        offsets = [sum(out_sizes[:i]) for i in range(len(out_sizes))]
-        a_all = torch.cat([a for _, a, _ in items])                                # (R, in)
-        b_all = torch.zeros(sum(out_sizes), a_all.shape[0])                        # (out, R), block-diagonal
-        col = 0
-        for index, a, b in items:
-            b_all[offsets[index]:offsets[index] + b.shape[0], col:col + a.shape[0]] = b
-            col += a.shape[0]
-        weights[module] = (a_all.to(device, dtype), b_all.to(device, dtype))
-    return LoraAdapter(uid=uid, rank=r, weights=weights)
+            raise ValueError(f"{where}: layer {layer} {part} has lora_{''.join(ab)} only")
+        parts.append((layer, part, ab["A"].float(), ab["B"].float() * scaling))
+    return _fuse(config, parts, uid, where, device, dtype)
+
+
+def lora_from_trtllm(weights: torch.Tensor, lora_config: torch.Tensor, config: ModelConfig, uid: str,
+                     device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> LoraAdapter:
+    """An adapter in TensorRT-LLM's request format (tensorrtllm_backend's `lora_weights` /
+    `lora_config`, as `hf_lora_convert.py` writes them): config rows [module_id, layer, r], and
+    weight rows holding A (r, in) then B (out, r) (scaling folded in) flattened, zero-padded."""
+    where = f"LoRA task {uid}"
+    if config.family not in LORA_FAMILIES:
+        raise ValueError(f"LoRA adapters are supported for the {list(LORA_FAMILIES)} families, not {config.family!r}")
+    if (lora_config.dim() != 2 or lora_config.shape[1] not in (3, 4) or weights.dim() != 2
+            or weights.shape[0] != lora_config.shape[0]):
+        raise ValueError(f"{where}: lora_config must be [modules x layers, 3] and lora_weights [the same rows, "
+                         f"r x in + out x r], got {list(lora_config.shape)} and {list(weights.shape)}")
+    if lora_config.shape[1] == 4 and bool(lora_config[:, 3].any()):
+        raise ValueError(f"{where}: DoRA adapters (lora_config's is_dora column) are not supported")
+    geometry = _geometry(config)
+    parts = []
+    for i, (module_id, layer, r) in enumerate(lora_config[:, :3].tolist()):
+        part = TRTLLM_MODULE_IDS.get(int(module_id))
+        if part is None:
+            raise ValueError(f"{where}: lora_config row {i} has module id {module_id}; supported: {TRTLLM_MODULE_IDS}")
+        _, _, rows, cols = geometry[part]
+        need = r * cols + rows * r
+        if r < 1 or need > weights.shape[1]:
+            raise ValueError(f"{where}: lora_config row {i} ({part}, layer {layer}, r={r}) needs {need} weight "
+                             f"values; lora_weights rows hold {weights.shape[1]}")
+        row = weights[i].float()
+        parts.append((int(layer), part, row[:r * cols].view(r, cols), row[r * cols:need].view(rows, r)))
+    return _fuse(config, parts, uid, where, device, dtype)
+
+
+def peft_to_trtllm(path: str | Path, dtype: torch.dtype = torch.float16) -> tuple[torch.Tensor, torch.Tensor]:
+    """A PEFT LoRA directory as TensorRT-LLM's request tensors (what its `hf_lora_convert.py`
+    writes, without the leading batch dimension): `lora_weights` (rows, r x in + out x r) and
+    `lora_config` (rows, 3) int32, one row per adapted (module, layer). For clients that upload
+    an adapter with its first request."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    cfg = json.loads((path / "adapter_config.json").read_text())
+    r, alpha = int(cfg["r"]), float(cfg.get("lora_alpha", cfg["r"]))
+    scaling = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
+    module_ids = {part: i for i, part in TRTLLM_MODULE_IDS.items()}
+    halves: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    for name, tensor in load_file(str(path / "adapter_model.safetensors")).items():
+        m = _KEY.search(name)
+        if m is None or m.group(2) not in module_ids:
+            raise ValueError(f"LoRA adapter {str(path)!r}: {name!r} has no TensorRT-LLM module id")
+        halves.setdefault((int(m.group(1)), m.group(2)), {})[m.group(3)] = tensor.float()
+    rows, config = [], []
+    for (layer, part), ab in sorted(halves.items()):
+        rows.append(torch.cat([ab["A"].flatten(), (ab["B"] * scaling).flatten()]))
+        config.append([module_ids[part], layer, ab["A"].shape[0]])
+    width = max(t.numel() for t in rows)
+    weights = torch.stack([torch.nn.functional.pad(t, (0, width - t.numel())) for t in rows]).to(dtype)
+    return weights, torch.tensor(config, dtype=torch.int32)
 
 
 class LoraManager:
@@ -128,6 +202,12 @@ class LoraManager:
         for uid, d in zip(uids, dirs):
             self._adapters[uid] = load_hf_lora(d, model_config, uid, device, dtype)
         return uids
+
+    def add(self, adapter: LoraAdapter) -> None:
+        """Serve `adapter` under its uid (replacing one of the same uid)."""
+        if adapter.uid in NO_ADAPTER:
+            raise ValueError(f"an adapter's uid must not be {adapter.uid!r} (that means 'no adapter')")
+        self._adapters[adapter.uid] = adapter
 
     @property
     def lora_uids(self) -> list[str]:
@@ -181,4 +261,6 @@ class LoraBatch:
         return y
 
 
-__all__ = ["LoraAdapter", "LoraBatch", "LoraManager", "load_hf_lora", "LORA_FAMILIES", "NO_ADAPTER"]
+__all__ = ["LoraAdapter", "LoraBatch", "LoraManager", "load_hf_lora", "lora_from_trtllm", "peft_to_trtllm",
+           "LORA_FAMILIES",
+           "NO_ADAPTER", "TRTLLM_MODULE_IDS"]

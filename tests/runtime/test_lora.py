@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 from runtime_lib.config import ModelConfig, SamplingConfig
-from runtime_lib.lora import LoraBatch, LoraManager, load_hf_lora
+from runtime_lib.lora import LoraBatch, LoraManager, load_hf_lora, lora_from_trtllm, peft_to_trtllm
 from runtime_lib.model_runner import ModelRunner
 
 PROMPTS = [[1, 17, 42, 99, 250, 7], [5, 6, 7, 8, 9, 10, 11], [300, 2, 44]]
@@ -187,3 +187,29 @@ def test_engine_rejects_unknown_adapters_naming_them(lora_setup, make_checkpoint
             plain.add_request("x", PROMPTS[0], scfg, lora_uid="a")
     finally:
         plain.shutdown()
+
+
+def test_tensorrt_llm_request_format_is_the_same_adapter(make_checkpoint, tmp_path):
+    """tensorrtllm_backend's lora_weights / lora_config (hf_lora_convert.py's layout: per row A
+    then scaled B, flattened and zero-padded; [module_id, layer, r]) give the adapter that the
+    PEFT directory gives; malformed tensors name the problem."""
+    ckpt = make_checkpoint("qwen2")
+    cfg = ModelConfig.from_dir(ckpt)
+    write_adapter(tmp_path / "a", ckpt, seed=8, rslora=True,
+                  targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"))
+    weights, config = peft_to_trtllm(tmp_path / "a", dtype=torch.float32)
+    assert config.shape == (7 * cfg.num_layers, 3) and sorted(set(config[:, 0].tolist())) == [1, 2, 3, 4, 5, 6, 7]
+    ours, theirs = load_hf_lora(tmp_path / "a", cfg, "a"), lora_from_trtllm(weights, config, cfg, "a")
+    assert ours.weights.keys() == theirs.weights.keys()
+    for module, (a, b) in ours.weights.items():
+        ta, tb = theirs.weights[module]
+        # Rows of A (and columns of B) may come in another order; the update they make is the same.
+        torch.testing.assert_close(tb @ ta, b @ a, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match=r"module id 18; supported"):
+        lora_from_trtllm(weights, torch.tensor([[18, 0, 4]] + config[1:].tolist()), cfg, "a")
+    with pytest.raises(ValueError, match=r"lora_config row 0 \(q_proj, layer 0, r=64\) needs"):
+        lora_from_trtllm(weights, torch.tensor([[1, 0, 64]] + config[1:].tolist()), cfg, "a")
+    with pytest.raises(ValueError, match=r"lora_config must be \[modules x layers, 3\]"):
+        lora_from_trtllm(weights[:3], config, cfg, "a")
+    with pytest.raises(ValueError, match=r"DoRA"):
+        lora_from_trtllm(weights, torch.cat([config, torch.ones(len(config), 1, dtype=torch.int32)], 1), cfg, "a")

@@ -397,9 +397,18 @@ def test_lora_task_id_serves_the_adapter_of_that_directory(triton_server, tokeni
         assert result.text == tokenizer.decode(refs[1])
         with pytest.raises(LLMClientError, match=r"lora_task_id 7 is not a loaded LoRA adapter; loaded: \['1', '2'\]"):
             llm.generate(PROMPTS[0], 8, lora_task_id=7)
-    weights = tensor("lora_weights", np.zeros((1, 1, 4), np.float16), np.float16)
-    res = grpc_stream(triton_server.grpc_url, "generation", base + [tensor("lora_task_id", 1), weights])
-    assert res.error is not None and "lora_weights" in str(res.error) and "lora_task_id alone" in str(res.error)
+    # tensorrtllm_backend's upload: the adapter's tensors with the first request of a new task id, then
+    # the id alone; what ModelRunner gives with adapter "2" (fp16 weights over the wire).
+    from runtime_lib.lora import peft_to_trtllm
+    w, c = peft_to_trtllm(lora / "2", dtype=torch.float16)
+    upload = [tensor("lora_weights", w.numpy()[None], np.float16), tensor("lora_config", c.numpy()[None], np.int32)]
+    for extra in (upload, []):
+        res = grpc_stream(triton_server.grpc_url, "generation", base + [tensor("lora_task_id", 77)] + extra)
+        assert res.error is None, res.error
+        assert res.responses[0]["output_ids"][0, 0, :8].tolist() == refs[2]
+    bad = [tensor("lora_weights", w.numpy()[None, :, :5], np.float16), tensor("lora_config", c.numpy()[None], np.int32)]
+    res = grpc_stream(triton_server.grpc_url, "generation", base + [tensor("lora_task_id", 78)] + bad)
+    assert res.error is not None and "lora_weights rows hold 5" in str(res.error)
 
 
 def test_generation_takes_a_prompt_embedding_table_like_tensorrtllm_backend(triton_server, tokenizer):

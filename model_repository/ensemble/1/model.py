@@ -63,8 +63,6 @@ _UNSUPPORTED = {
     "return_generation_logits": "this engine does not return generation logits",
     "prompt_embedding_table": "prompt tuning needs virtual token ids: send input_ids to the generation model",
     "prompt_vocab_size": "prompt tuning needs virtual token ids: send input_ids to the generation model",
-    "lora_weights": "LoRA adapters are loaded at start from generation's lora_dir parameter; send lora_task_id alone",
-    "lora_config": "LoRA adapters are loaded at start from generation's lora_dir parameter; send lora_task_id alone",
 }
 # generation / SamplingConfig field names -> the names this model's clients sent.
 _FIELD_NAMES = {
@@ -189,6 +187,10 @@ class TritonPythonModel:
             words = self.tokenizer.encode_words(rows[0])
             if words:
                 gen_inputs.append(pb_utils.Tensor(gen_name, to_word_list_format([words])))
+        for name in ("lora_weights", "lora_config"):  # an uploaded adapter: generation checks it
+            arr = inputs.array(name)
+            if arr is not None:
+                gen_inputs.append(pb_utils.Tensor(name, np.ascontiguousarray(arr)))
         beams = sent.get("beam_width", 1)
         num_sequences = sent.get("num_return_sequences") or 1
         if beams > 1 and num_sequences > beams:

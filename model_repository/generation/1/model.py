@@ -42,10 +42,6 @@ _UNSUPPORTED = {
     "return_context_logits": "this engine does not return context logits",
     "return_generation_logits": "this engine does not return generation logits",
     "embedding_bias": "this engine has no embedding bias",
-    "lora_weights": "LoRA adapters are loaded at start from the lora_dir parameter (one directory per task id); "
-                    "send lora_task_id alone",
-    "lora_config": "LoRA adapters are loaded at start from the lora_dir parameter (one directory per task id); "
-                   "send lora_task_id alone",
 }
 
 
@@ -268,17 +264,47 @@ class TritonPythonModel:
                     "exclude_input": bool(inputs.scalar("exclude_input_in_output", "bool", False)[0])}
 
     def _lora_uids(self, inputs: RequestInputs, batch: int) -> list[str | None]:
-        """Each row's adapter: `lora_task_id` names a directory of the `lora_dir` parameter."""
+        """Each row's adapter, as tensorrtllm_backend does: `lora_task_id` names one loaded before
+        (a directory of the `lora_dir` parameter, or one a request uploaded); `lora_weights` and
+        `lora_config` with it upload (or replace) that task's adapter, kept for later requests."""
+        weights, config = inputs.array("lora_weights"), inputs.array("lora_config")
         if inputs.array("lora_task_id") is None:
+            if weights is not None or config is not None:
+                raise InputError("lora_weights / lora_config need a lora_task_id to cache the adapter under")
             return [None] * batch
+        uids = [str(t) for t in inputs.scalar("lora_task_id", "int", None, batch, lo=0)]
+        if weights is not None or config is not None:
+            self._upload_loras(uids, weights, config, batch)
         manager = self.engine.lora_manager
         loaded = manager.lora_uids if manager is not None else []
-        uids = [str(t) for t in inputs.scalar("lora_task_id", "int", None, batch, lo=0)]
         unknown = sorted(set(uids) - set(loaded))
         if unknown:
-            raise InputError(f"lora_task_id {unknown[0]} is not a loaded LoRA adapter; loaded: {loaded} "
-                             f"(the lora_dir parameter's directories, named by task id)")
-        return list(uids)
+            raise InputError(f"lora_task_id {unknown[0]} is not a loaded LoRA adapter; loaded: {loaded} (send "
+                             f"lora_weights and lora_config with its first request, or put it in lora_dir)")
+        return uids
+
+    def _upload_loras(self, uids: list[str], weights: Any, config: Any, batch: int) -> None:
+        import torch
+
+        from runtime_lib.lora import lora_from_trtllm
+
+        if weights is None or config is None:
+            raise InputError("lora_weights and lora_config go together (tensorrtllm_backend's LoRA format)")
+        if weights.ndim != 3 or config.ndim != 3 or weights.shape[0] not in (1, batch) \
+                or config.shape[0] not in (1, batch):
+            raise InputError(f"lora_weights must be [batch, modules x layers, r x in + out x r] and lora_config "
+                             f"[batch, modules x layers, 3], got {list(weights.shape)} and {list(config.shape)}")
+        if weights.dtype.kind != "f" or config.dtype.kind not in "iu":
+            raise InputError(f"lora_weights must be FP16/BF16/FP32 and lora_config INT32, got {weights.dtype} "
+                             f"and {config.dtype}")
+        for b, uid in enumerate(uids):
+            w, c = weights[b if weights.shape[0] > 1 else 0], config[b if config.shape[0] > 1 else 0]
+            try:
+                adapter = lora_from_trtllm(torch.from_numpy(w.astype(np.float32)), torch.from_numpy(c.astype(np.int64)),
+                                           self.engine.model_config, uid, device=self.engine.device)
+            except ValueError as e:
+                raise InputError(str(e)) from None
+            self.engine.add_lora_adapter(adapter)
 
     def _stop(self, request_id: str, sender: Any) -> None:
         if not request_id:
