@@ -45,7 +45,7 @@ def build(fn, constexprs: dict, pointers: dict[str, str], *, default_ptr: str = 
 
 
 def cases():
-    from runtime_lib.kernels import paged_attention, qkv_rope_kv, rope_kv
+    from runtime_lib.kernels import paged_attention, qkv_rope_kv, rope_kv, small_linear
 
     int_ptrs = {"positions_ptr": "*i64", "slot_ptr": "*i64", "block_table_ptr": "*i32", "context_lens_ptr": "*i32",
                 "arrivals_ptr": "*i32", "cos_ptr": "*fp32", "sin_ptr": "*fp32"}
@@ -70,6 +70,12 @@ def cases():
                        dict(GROUP=4, BLOCK_G=16, HEAD_SIZE=128, BLOCK_D=128, BLOCK_SIZE=16, BLOCK_N=64,
                             USE_PARTITIONS=parts, HAS_WINDOW=True, INPUT_PRECISION="tf32", DOT_UPCAST=False,
                             DOT_FP16=fp16, MIXED=mixed, USE_PDL=True), {**attn_ptrs, **ptrs})
+    for rows in (1, 16):   # small_linear over FP8 weights: the GEMV and the tensor-core tile
+        for prologue in (1, 2):
+            yield (f"small_linear fp8 weights rows={rows} prologue={prologue}", small_linear._small_linear_kernel,
+                   dict(PROLOGUE=prologue, HAS_BIAS=True, HAS_RES=True, HAS_W_SCALE=True, BLOCK_M=rows, BLOCK_N=8,
+                        BLOCK_K=256, INPUT_PRECISION="tf32", DOT_UPCAST=False, RNE=False, USE_PDL=True,
+                        PREFETCH_COLS=2), {"w_ptr": "*fp8e4nv", "w_scale_ptr": "*fp32"})
 
 
 def main() -> int:
