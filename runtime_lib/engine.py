@@ -277,7 +277,7 @@ class LLMEngine:
         if not dirs:
             raise ValueError(f"lora_dir {lora_dir!r} must be a directory of LoRA adapter directories (one per "
                              f"adapter, named by its uid / lora_task_id); found none")
-        manager = LoraManager()
+        manager = LoraManager(self.config.max_lora_uploads)
         manager.load_from_ckpt(dirs, self.model_config, uids=[p.name for p in dirs], device=self.device)
         return manager
 
@@ -288,7 +288,7 @@ class LLMEngine:
 
         with self._lock:
             if self.lora_manager is None:
-                self.lora_manager = LoraManager()
+                self.lora_manager = LoraManager(self.config.max_lora_uploads)
             self.lora_manager.add(adapter)
 
     def _lora_adapter(self, lora_uid: Any) -> Any:

@@ -184,10 +184,16 @@ def peft_to_trtllm(path: str | Path, dtype: torch.dtype = torch.float16) -> tupl
 
 class LoraManager:
     """The adapters a runner serves, by uid (TensorRT-LLM's LoraManager: `load_from_ckpt` names
-    the adapters of `model_dirs` "0", "1", ... unless given `uids`)."""
+    the adapters of `model_dirs` "0", "1", ... unless given `uids`). Adapters `add`ed at run time
+    (uploaded with requests) are kept up to `max_added`, least recently used evicted first, as
+    TensorRT-LLM's LoRA cache does; loaded directories stay."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_added: int = 64) -> None:
+        if max_added < 0:
+            raise ValueError(f"max_added must be >= 0, got {max_added}")
         self._adapters: dict[str, LoraAdapter] = {}
+        self._added: dict[str, None] = {}   # uids of added adapters, least recently used first
+        self.max_added = max_added
 
     def load_from_ckpt(self, model_dirs: str | Path | Sequence[str | Path], model_config: ModelConfig,
                        runtime_mapping: object = None, uids: Sequence[str] | None = None,
@@ -204,10 +210,20 @@ class LoraManager:
         return uids
 
     def add(self, adapter: LoraAdapter) -> None:
-        """Serve `adapter` under its uid (replacing one of the same uid)."""
+        """Serve `adapter` under its uid (replacing one of the same uid); may evict the least
+        recently used added adapter (requests running on it keep their reference)."""
         if adapter.uid in NO_ADAPTER:
             raise ValueError(f"an adapter's uid must not be {adapter.uid!r} (that means 'no adapter')")
+        if self.max_added == 0:
+            raise ValueError("this server takes no LoRA uploads (max_lora_uploads=0); use preloaded adapters")
+        if adapter.uid in self._adapters and adapter.uid not in self._added:
+            raise ValueError(f"LoRA {adapter.uid!r} is a preloaded adapter; it cannot be replaced by an upload")
+        self._added.pop(adapter.uid, None)
+        self._added[adapter.uid] = None
         self._adapters[adapter.uid] = adapter
+        while len(self._added) > self.max_added:
+            oldest = next(iter(self._added))
+            del self._added[oldest], self._adapters[oldest]
 
     @property
     def lora_uids(self) -> list[str]:
@@ -224,6 +240,8 @@ class LoraManager:
                 out.append(None)
             elif key in self._adapters:
                 out.append(self._adapters[key])
+                if key in self._added:   # recently used: evicted last
+                    self._added[key] = self._added.pop(key)
             else:
                 raise ValueError(f"lora_uids has {key!r}, which is not a loaded adapter; loaded: {self.lora_uids} "
                                  f"('-1': none)")

@@ -213,3 +213,23 @@ def test_tensorrt_llm_request_format_is_the_same_adapter(make_checkpoint, tmp_pa
         lora_from_trtllm(weights[:3], config, cfg, "a")
     with pytest.raises(ValueError, match=r"DoRA"):
         lora_from_trtllm(weights, torch.cat([config, torch.ones(len(config), 1, dtype=torch.int32)], 1), cfg, "a")
+
+
+def test_uploaded_adapters_are_bounded_least_recently_used_first(make_checkpoint, tmp_path):
+    """Uploads (add) are kept up to max_added, the least recently used evicted first; preloaded
+    adapters are never evicted nor replaced; an adapter already handed out stays usable."""
+    ckpt = make_checkpoint("llama")
+    cfg = ModelConfig.from_dir(ckpt)
+    write_adapter(tmp_path / "d", ckpt, seed=9)
+    manager = LoraManager(max_added=2)
+    manager.load_from_ckpt([str(tmp_path / "d")], cfg, uids=["pre"])
+    weights, config = peft_to_trtllm(tmp_path / "d", dtype=torch.float32)
+    for uid in ("u1", "u2"):
+        manager.add(lora_from_trtllm(weights, config, cfg, uid))
+    held = manager.adapters_for(["u1"], 1)[0]          # u1 used: u2 is now the oldest
+    manager.add(lora_from_trtllm(weights, config, cfg, "u3"))
+    assert manager.lora_uids == ["pre", "u1", "u3"] and held.weights
+    with pytest.raises(ValueError, match=r"'pre' is a preloaded adapter; it cannot be replaced"):
+        manager.add(lora_from_trtllm(weights, config, cfg, "pre"))
+    with pytest.raises(ValueError, match=r"takes no LoRA uploads \(max_lora_uploads=0\)"):
+        LoraManager(max_added=0).add(lora_from_trtllm(weights, config, cfg, "x"))

@@ -108,6 +108,7 @@ class TritonPythonModel:
             kv_cache_dtype=params.str("kv_cache_dtype", "auto"),
             quantization=params.str("quantization", "auto"),
             lora_dir=params.str("lora_dir") or None,
+            max_lora_uploads=params.int("max_lora_uploads", 64, lo=0),
             enable_prefix_caching=params.bool("enable_kv_cache_reuse", True),
             max_queue_size=params.int("max_queue_size", 1024, lo=1),
             max_seq_len=params.int("max_seq_len", None, lo=2),
@@ -302,9 +303,9 @@ class TritonPythonModel:
             try:
                 adapter = lora_from_trtllm(torch.from_numpy(w.astype(np.float32)), torch.from_numpy(c.astype(np.int64)),
                                            self.engine.model_config, uid, device=self.engine.device)
+                self.engine.add_lora_adapter(adapter)
             except ValueError as e:
                 raise InputError(str(e)) from None
-            self.engine.add_lora_adapter(adapter)
 
     def _stop(self, request_id: str, sender: Any) -> None:
         if not request_id:
