@@ -48,6 +48,8 @@ def hf_quantization(qc: dict[str, Any] | None) -> str:
     if not qc:
         return "none"
     method = qc.get("quant_method")
+    if method == "fbgemm_fp8":   # Meta's FP8 releases: per-channel weight scales, dynamic activations
+        return "fp8"
     if method == "fp8":
         if qc.get("weight_block_size"):
             raise ValueError(f"block-wise FP8 checkpoints (quantization_config.weight_block_size="
@@ -61,8 +63,9 @@ def hf_quantization(qc: dict[str, Any] | None) -> str:
             return "fp8"
         raise ValueError("compressed-tensors checkpoints are supported with FP8 weights (type float, 8 bits, "
                          f"strategy tensor or channel); got {weights}")
-    raise ValueError(f"quantization_config.quant_method {method!r} is not supported; supported: 'fp8' and "
-                     f"'compressed-tensors' FP8 checkpoints, or quantization='fp8' over a bf16 checkpoint")
+    raise ValueError(f"quantization_config.quant_method {method!r} is not supported; supported: 'fp8', "
+                     f"'fbgemm_fp8' and 'compressed-tensors' FP8 checkpoints, or quantization='fp8' over a bf16 "
+                     f"checkpoint")
 
 
 def kv_cache_torch_dtype(kv_cache_dtype: str | torch.dtype | None, model_dtype: torch.dtype) -> torch.dtype:

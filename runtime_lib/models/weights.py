@@ -73,7 +73,7 @@ def convert_hf_weights(ckpt: HFCheckpoint, weight_map: dict[str, WeightSpec],
     weights (old rotary `inv_freq` buffers, GPT-2's causal-mask buffers, a tied lm_head copy).
     Raises ValueError naming every missing and every unexpected weight before reading any.
 
-    FP8 checkpoints (AutoFP8's `quant_method: fp8`, compressed-tensors, ModelOpt) store a
+    FP8 checkpoints (AutoFP8's `quant_method: fp8`, fbgemm_fp8, compressed-tensors, ModelOpt) store a
     projection's `weight` as e4m3 next to its `weight_scale`, one scalar per tensor or one per
     output channel: the fused weight is yielded as e4m3 with `<name>_scale`, one fp32 scale per
     row (what layers/fp8_linear.Fp8Linear holds). Static `input_scale`s and KV-cache scales are
@@ -83,7 +83,7 @@ def convert_hf_weights(ckpt: HFCheckpoint, weight_map: dict[str, WeightSpec],
     required = {src for spec in weight_map.values() for src in spec.sources}
     fp8 = {src for src in required if src.endswith(".weight") and src + "_scale" in available}
     required |= {src + "_scale" for src in fp8}
-    ignored = tuple(ignored) + ((r"\.(input_scale|k_scale|v_scale|kv_scale)$",) if fp8 else ())
+    ignored = tuple(ignored) + ((r"\.(input_scale|input_scale_ub|k_scale|v_scale|kv_scale)$",) if fp8 else ())
     missing = sorted(required - set(available))
     patterns = [re.compile(p) for p in ignored]
     unexpected = sorted(n for n in set(available) - required if not any(p.search(n) for p in patterns))

@@ -175,7 +175,8 @@ PROJECTION = r"model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_p
 
 def write_fp8_checkpoint(src: Path, out: Path, strategy: str, fmt: str) -> dict[str, torch.Tensor]:
     """An FP8 checkpoint as AutoFP8 (`quant_method: fp8`, per-tensor scales and static input
-    scales) or llm-compressor (`compressed-tensors`, per-channel (out, 1) scales) write it, from
+    scales), llm-compressor (`compressed-tensors`, per-channel (out, 1) scales) or fbgemm
+    (`fbgemm_fp8`, per-channel scales and an activation bound) write it, from
     a tiny fp32 one. Returns the dequantized projections (HF names), the oracle's weights."""
     import re
     import shutil
@@ -193,11 +194,15 @@ def write_fp8_checkpoint(src: Path, out: Path, strategy: str, fmt: str) -> dict[
         state[name], state[name + "_scale"] = q, scale.float()
         if fmt == "fp8":
             state[name[:-len("weight")] + "input_scale"] = torch.tensor(0.05)  # static: not used
+        if fmt == "fbgemm_fp8":
+            state[name[:-len("weight")] + "input_scale_ub"] = torch.tensor([1200.0])  # activation clamp: not used
         dequantized[name] = q.float() * scale
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
     cfg = json.loads((out / "config.json").read_text())
     cfg["quantization_config"] = (
         {"quant_method": "fp8", "activation_scheme": "static", "ignored_layers": ["lm_head"]} if fmt == "fp8" else
+        {"quant_method": "fbgemm_fp8", "activation_scale_ub": 1200.0, "modules_to_not_convert": ["lm_head"]}
+        if fmt == "fbgemm_fp8" else
         {"quant_method": "compressed-tensors", "format": "float-quantized", "ignore": ["lm_head"],
          "config_groups": {"group_0": {"targets": ["Linear"],
                                        "weights": {"num_bits": 8, "type": "float", "strategy": strategy},
@@ -208,7 +213,8 @@ def write_fp8_checkpoint(src: Path, out: Path, strategy: str, fmt: str) -> dict[
 
 
 @pytest.mark.parametrize("family, strategy, fmt", [("llama", "tensor", "fp8"),
-                                                   ("qwen2", "channel", "compressed-tensors")])
+                                                   ("qwen2", "channel", "compressed-tensors"),
+                                                   ("mistral", "channel", "fbgemm_fp8")])
 def test_fp8_checkpoint_loads_as_stored_and_equals_hf_with_those_weights(make_checkpoint, tmp_path, family,
                                                                          strategy, fmt):
     """The e4m3 weights and scales are used as stored (per-tensor scales become every row's):
