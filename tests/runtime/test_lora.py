@@ -233,3 +233,18 @@ def test_uploaded_adapters_are_bounded_least_recently_used_first(make_checkpoint
         manager.add(lora_from_trtllm(weights, config, cfg, "pre"))
     with pytest.raises(ValueError, match=r"takes no LoRA uploads \(max_lora_uploads=0\)"):
         LoraManager(max_added=0).add(lora_from_trtllm(weights, config, cfg, "x"))
+
+
+def test_adapters_run_over_fp8_weights(make_checkpoint, tmp_path):
+    """An FP8 model (quantization="fp8") takes adapters too: their update is added to the FP8
+    projection's output in the model dtype; rows without one are the plain FP8 model's."""
+    from runtime_lib.session import Session
+
+    ckpt = make_checkpoint("llama")
+    write_adapter(tmp_path / "a", ckpt, seed=10)
+    session = Session.from_dir(ckpt, device="cpu", quantization="fp8")
+    runner = ModelRunner.from_engine(session, lora_dir=str(tmp_path / "a"))
+    kw = dict(max_new_tokens=NEW, end_id=-1, pad_id=0)
+    both = runner.generate([torch.tensor(PROMPTS[0])] * 2, lora_uids=["0", "-1"], **kw)
+    plain = ModelRunner.from_engine(session).generate([torch.tensor(PROMPTS[0])], **kw)
+    assert torch.equal(both[1], plain[0]) and not torch.equal(both[0], plain[0])
