@@ -74,6 +74,11 @@ class _RequestState:
     detokenizer: Any = None                  # IncrementalDetokenizer when text deltas are wanted
     prompt_table: torch.Tensor | None = None  # (P, H): prompt ids V..V+P-1 read these rows
     lora: Any = None                          # the request's lora.LoraAdapter, or None
+    want_context_logits: bool = False        # sequence 0 of a request that asked for them
+    want_generation_logits: bool = False
+    context_logits: torch.Tensor | None = None  # (prompt_len, V) float32 on the host, filled chunk by chunk
+    context_sent: bool = False
+    gen_logits: list[torch.Tensor] = field(default_factory=list)  # one (V,) row per output token
 
 
 @dataclass(slots=True)
@@ -84,6 +89,7 @@ class _InFlight:
     seqs: list[Sequence]                  # rows that sampled, in logits order
     tokens: torch.Tensor | None           # (N,) int64 on the device: feeds the next step
     host: HostCopy | None                 # the tokens (N,) and log probs (N,) or None, on their way
+    gen_logits: list[torch.Tensor | None] | None = None  # per row: its logits on the host, if asked for
 
     def results(self) -> tuple[list[int], list[float] | None]:
         """Block until the step's tokens are on the host; (token ids, log probs or None)."""
@@ -150,7 +156,9 @@ class LLMEngine:
     def add_request(self, request_id: str, prompt_ids: list[int], sampling: SamplingConfig, *,
                     on_output: Callable[[RequestOutput], None] | None = None,
                     priority: int = 0, detokenize: bool = False,
-                    prompt_table: torch.Tensor | None = None, lora_uid: str | None = None) -> RequestStream | None:
+                    prompt_table: torch.Tensor | None = None, lora_uid: str | None = None,
+                    return_context_logits: bool = False,
+                    return_generation_logits: bool = False) -> RequestStream | None:
         """Queue a request. Raises ValueError (bad input, naming the field) or EngineBusyError.
         Outputs go to `on_output` (called on the engine thread: only enqueue there), or, without
         it, to the returned `RequestStream`. `detokenize=True` adds each output's text delta
@@ -158,11 +166,19 @@ class LLMEngine:
         tokenizer found in the model directory; servers that detokenize elsewhere leave it off.
         `prompt_table` (P, hidden) (or (1, P, hidden)): prompt tuning, prompt id vocab_size + i
         reads row i (tensorrtllm_backend's `prompt_embedding_table`). `lora_uid`: the LoRA
-        adapter of `EngineConfig.lora_dir` to serve the request with (None or "-1": none)."""
+        adapter of `EngineConfig.lora_dir` to serve the request with (None or "-1": none).
+        `return_context_logits` / `return_generation_logits`: RequestOutput carries the prompt's
+        logits and each new token's (float32, host; each costs the step a device->host copy, and
+        context logits compute the whole prompt: no prefix-cache hit)."""
+        if (return_context_logits or return_generation_logits) and sampling.num_beams > 1:
+            raise ValueError("return_context_logits / return_generation_logits are not supported with beam search "
+                             f"(num_beams={sampling.num_beams})")
         table, salt = self._check_prompt_table(prompt_table)
         lora = self._lora_adapter(lora_uid)
         if lora is not None:  # its KV differs from the base model's: its own prefix-cache namespace
             salt = ("lora", lora.uid) if salt is None else (salt, ("lora", lora.uid))
+        if return_context_logits:  # every prompt token must be computed: never a prefix-cache hit
+            salt = (salt, ("context_logits", os.urandom(8)))
         prompt = self._check_prompt(prompt_ids, sampling, 0 if table is None else table.shape[0])
         if detokenize and self.tokenizer is None:
             raise ValueError("detokenize=True needs tokenizer files in the model directory; none were found")
@@ -188,7 +204,9 @@ class LLMEngine:
                 matcher=StopWordsMatcher(p.stop_words) if p.stop_words else None,
                 want_log_probs=bool(sampling.output_log_probs or sampling.output_cum_log_probs),
                 needs_history=_needs_history(p),
-                detokenizer=self.tokenizer.incremental() if detokenize else None, prompt_table=table, lora=lora)
+                detokenizer=self.tokenizer.incremental() if detokenize else None, prompt_table=table, lora=lora,
+                want_context_logits=return_context_logits and i == 0,
+                want_generation_logits=return_generation_logits)
             seqs.append(seq)
         seqs[0].data.siblings = seqs[1:]
         with self._lock:
@@ -346,11 +364,14 @@ class LLMEngine:
         lps = st.log_probs[len(st.log_probs) - len(new):] if st.want_log_probs and new else (
             [] if st.want_log_probs else None)
         text = st.detokenizer.add(new) + st.detokenizer.finish() if st.detokenizer is not None else None
-        return st.on_output, RequestOutput(
+        out = RequestOutput(
             request_id=st.request_id, sequence_index=st.sequence_index, new_token_ids=new,
             new_log_probs=lps, cum_log_prob=sum(st.log_probs) if st.want_log_probs else None,
             finished=True, finish_reason=reason, num_prompt_tokens=seq.num_prompt_tokens,
             num_output_tokens=seq.num_output_tokens, error=error, text=text)
+        if (st.want_context_logits or st.want_generation_logits) and reason not in ("abort", "error"):
+            self._attach_logits(st, out, len(st.gen_logits) - len(new), len(st.gen_logits))
+        return st.on_output, out
 
     @staticmethod
     def _emit(outputs: list[tuple]) -> None:
@@ -430,7 +451,7 @@ class LLMEngine:
             if not live:
                 return _InFlight(sched, [], None, None)
             rows = [StepRow(s.token_ids, s.num_computed_tokens, s.seq.block_table, s.needs_logits,
-                            feed_index=s.seq.data.pending_row)
+                            feed_index=s.seq.data.pending_row, all_logits=self._prompt_logits_wanted(s))
                     for s in live]
             inputs = build_step_inputs(rows, self.config.block_size, self.device,
                                        feed_tokens=prev.tokens if prev is not None else None)
@@ -441,11 +462,43 @@ class LLMEngine:
         inputs["kv_cache"] = self.kv_cache
         out: dict[str, torch.Tensor] = {}
         self.session.run(inputs, out)
+        logits = out["logits"]
+        if any(r.all_logits for r in rows):
+            logits = self._take_context_logits(logits, live, rows)
         sampled = [s.seq for s in live if s.needs_logits]
         if not sampled:
             return _InFlight(sched, [], None, None)
-        res = self._sample(out["logits"], sampled)
-        return _InFlight(sched, sampled, res.token_ids, HostCopy(res.token_ids, res.logprobs))
+        res = self._sample(logits, sampled)
+        gen = None
+        if any(seq.data.want_generation_logits for seq in sampled):  # a device->host copy: only when asked
+            gen = [logits[i].float().cpu() if seq.data.want_generation_logits else None
+                   for i, seq in enumerate(sampled)]
+        return _InFlight(sched, sampled, res.token_ids, HostCopy(res.token_ids, res.logprobs), gen)
+
+    @staticmethod
+    def _prompt_logits_wanted(s: Any) -> bool:
+        """A prompt chunk of a sequence whose request asked for context logits not yet sent."""
+        st = s.seq.data
+        return st.want_context_logits and not st.context_sent and s.num_computed_tokens < s.seq.num_prompt_tokens
+
+    def _take_context_logits(self, logits: torch.Tensor, live: list, rows: list[StepRow]) -> torch.Tensor:
+        """Copy the prompt rows of the steps' all-logits rows to their requests (a recomputed
+        prompt after preemption overwrites the same positions); return one row per sampled
+        sequence, as sampling expects."""
+        keep, i = [], 0
+        for s, r in zip(live, rows):
+            n = len(s.token_ids) if r.all_logits else int(s.needs_logits)
+            if r.all_logits:
+                seq, st = s.seq, s.seq.data
+                P, start = seq.num_prompt_tokens, s.num_computed_tokens
+                if st.context_logits is None:
+                    st.context_logits = torch.zeros(P, logits.shape[1])
+                end = min(start + n, P)
+                st.context_logits[start:end] = logits[i:i + end - start].float().cpu()
+            if s.needs_logits:
+                keep.append(i + n - 1)
+            i += n
+        return logits[torch.tensor(keep, dtype=torch.long, device=logits.device)]
 
     def _prompt_inputs(self, live: list) -> dict[str, torch.Tensor]:
         """Session.run's prompt tuning inputs when a prompt chunk of this step holds virtual
@@ -495,7 +548,8 @@ class LLMEngine:
             for i, seq in enumerate(step.seqs):
                 if seq.status.is_finished:
                     continue  # aborted (or failed) while the step ran
-                outputs += self._append(seq, tokens[i], None if logprobs is None else logprobs[i])
+                outputs += self._append(seq, tokens[i], None if logprobs is None else logprobs[i],
+                                        None if step.gen_logits is None else step.gen_logits[i])
         return outputs
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> SampleOutput:
@@ -512,7 +566,8 @@ class LLMEngine:
                        output_ids=[s.output_token_ids for s in seqs]) if st.needs_history else {}
         return sample(logits, st, steps=steps, **history)
 
-    def _append(self, seq: Sequence, tok: int, log_prob: float | None) -> list[tuple]:
+    def _append(self, seq: Sequence, tok: int, log_prob: float | None,
+                gen_logits: torch.Tensor | None = None) -> list[tuple]:
         """Append one sampled token (or fill its placeholder); finish or stream it. Caller
         holds the lock."""
         st: _RequestState = seq.data
@@ -525,6 +580,8 @@ class LLMEngine:
         self._num_generated += 1
         if st.want_log_probs:
             st.log_probs.append(float(log_prob) if log_prob is not None else 0.0)
+        if st.want_generation_logits:
+            st.gen_logits.append(gen_logits)
         outputs: list[tuple] = []
         if st.first_token_time is None:
             st.first_token_time = time.monotonic()
@@ -547,6 +604,8 @@ class LLMEngine:
                 del token_ids[len(token_ids) - check.num_stop_tokens:]
                 if st.want_log_probs:
                     del st.log_probs[len(token_ids) - num_prompt:]
+                if st.want_generation_logits:
+                    del st.gen_logits[len(token_ids) - num_prompt:]
                 reason = "stop"
             num_held = check.num_held
         num_out = len(token_ids) - num_prompt
@@ -562,12 +621,25 @@ class LLMEngine:
             new = token_ids[num_prompt + st.num_emitted:num_prompt + ready]
             lps = st.log_probs[st.num_emitted:ready] if st.want_log_probs else None
             st.num_emitted = ready
-            outputs.append((st.on_output, RequestOutput(
+            out = RequestOutput(
                 st.request_id, st.sequence_index, new, lps,
                 sum(st.log_probs[:ready]) if st.want_log_probs else None,
                 False, None, num_prompt, ready, None,
-                st.detokenizer.add(new) if st.detokenizer is not None else None)))
+                st.detokenizer.add(new) if st.detokenizer is not None else None)
+            if st.want_context_logits or st.want_generation_logits:
+                self._attach_logits(st, out, ready - len(new), ready)
+            outputs.append((st.on_output, out))
         return outputs
+
+    @staticmethod
+    def _attach_logits(st: _RequestState, out: RequestOutput, first: int, end: int) -> None:
+        """The prompt's logits (once), and output tokens [first, end)'s."""
+        if st.want_context_logits and not st.context_sent and st.context_logits is not None:
+            out.context_logits, st.context_sent = st.context_logits, True
+            st.context_logits = None
+        if st.want_generation_logits:
+            rows = st.gen_logits[first:end]
+            out.generation_logits = torch.stack(rows) if rows else torch.zeros(0, 0)
 
     def _start_sibling(self, parent: Sequence, sib: Sequence) -> None:
         """n > 1: sequence `sib` shares the blocks `parent` computed for the prompt (copy on

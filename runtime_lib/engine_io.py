@@ -5,6 +5,7 @@ from __future__ import annotations
 import queue
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from .config import KV_CACHE_DTYPES, QUANTIZATIONS
 
@@ -78,6 +79,11 @@ class RequestOutput:
     num_output_tokens: int
     error: str | None = None
     text: str | None = None         # new text, when the request asked the engine to detokenize
+    # When asked for (add_request's return_*_logits), float32 on the CPU: the prompt's logits
+    # (prompt_len, V) with the first output of sequence 0, and the logits each new token was
+    # sampled from (len(new_token_ids), V), before penalties and temperature.
+    context_logits: Any = None
+    generation_logits: Any = None
 
 
 @dataclass(frozen=True)

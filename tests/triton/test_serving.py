@@ -369,6 +369,33 @@ def test_generation_model_speaks_tensorrtllm_names(triton_server, offline, token
     assert out["output_ids"][0, 0, :n].tolist() == prompt_ids + gen_ids
 
 
+@pytest.mark.parametrize("streaming", [False, True])
+def test_generation_returns_context_and_generation_logits(triton_server, tokenizer, streaming):
+    """`return_context_logits` / `return_generation_logits`: `context_logits` [1, prompt, V] and
+    `generation_logits` [1, sequences, tokens, V] (per streamed response: its tokens), equal to
+    transformers' forward over the prompt and the generated tokens."""
+    from transformers import AutoModelForCausalLM
+
+    prompt = tokenizer.encode(PROMPTS[2])
+    inputs = [tensor("input_ids", np.array([prompt], np.int32), np.int32),
+              tensor("input_lengths", len(prompt), np.int32), tensor("request_output_len", 6, np.int32),
+              tensor("end_id", -1, np.int32),
+              tensor("exclude_input_in_output", True, np.bool_), tensor("streaming", streaming, np.bool_),
+              tensor("return_context_logits", True, np.bool_), tensor("return_generation_logits", True, np.bool_)]
+    res = grpc_stream(triton_server.grpc_url, "generation", inputs)
+    assert res.error is None and res.num_final == 1
+    tokens = [t for r in res.responses for t in r["output_ids"][0, 0, :int(r["sequence_length"][0, 0])].tolist()]
+    ctx = [r["context_logits"] for r in res.responses if "context_logits" in r]
+    gen = np.concatenate([r["generation_logits"][0, 0] for r in res.responses if r["generation_logits"].size])
+    hf = AutoModelForCausalLM.from_pretrained(str(triton_server.model_dir), dtype=torch.float32).eval()
+    with torch.no_grad():
+        ref = hf(torch.tensor([prompt + tokens])).logits[0].numpy()
+    assert len(ctx) == 1 and ctx[0].shape == (1, len(prompt), ref.shape[1])
+    np.testing.assert_allclose(ctx[0][0], ref[:len(prompt)], atol=1e-4)
+    assert len(tokens) == 6 and gen.shape == (6, ref.shape[1])
+    np.testing.assert_allclose(gen, ref[len(prompt) - 1:-1], atol=1e-4)
+
+
 def test_lora_task_id_serves_the_adapter_of_that_directory(triton_server, tokenizer):
     """`lora_task_id` (tensorrtllm_backend's input) picks an adapter of generation's lora_dir:
     the tokens equal ModelRunner with that adapter, through generation (ids) and the ensemble

@@ -39,8 +39,6 @@ from runtime_lib.tokenizer import from_word_list_format
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 _UNSUPPORTED = {
-    "return_context_logits": "this engine does not return context logits",
-    "return_generation_logits": "this engine does not return generation logits",
     "embedding_bias": "this engine has no embedding bias",
 }
 
@@ -52,6 +50,8 @@ class _Sequence:
     cum_log_prob: float = 0.0
     finish_reason: str | None = None
     last_time: float | None = None
+    context_logits: Any = None                      # (prompt, V) float32, until sent
+    gen_logits: list[Any] = field(default_factory=list)  # (k, V) float32 blocks: the tokens' logits
 
 
 @dataclass(eq=False)
@@ -63,6 +63,8 @@ class _Row:
     prompt_ids: list[int]
     num_sequences: int
     sequences: dict[int, _Sequence] = field(default_factory=dict)
+    context_logits: bool = False      # return_context_logits / return_generation_logits asked
+    generation_logits: bool = False
 
     @property
     def finished(self) -> bool:
@@ -179,7 +181,8 @@ class TritonPythonModel:
         for b, (prompt, sampling) in enumerate(zip(plan["prompts"], plan["samplings"])):
             engine_id = f"{request_id or 'req'}-{uuid.uuid4().hex[:12]}"
             num_sequences = sampling.num_return_sequences or 1
-            call.rows[engine_id] = _Row(b, engine_id, prompt, num_sequences)
+            call.rows[engine_id] = _Row(b, engine_id, prompt, num_sequences, context_logits=plan["context_logits"][b],
+                                        generation_logits=plan["generation_logits"][b])
         with self._calls_lock:
             for engine_id in call.rows:
                 self._calls[engine_id] = call
@@ -190,7 +193,8 @@ class TritonPythonModel:
             for (engine_id, row), sampling, table, lora in zip(call.rows.items(), plan["samplings"],
                                                                plan["prompt_tables"], plan["lora_uids"]):
                 self.engine.add_request(engine_id, row.prompt_ids, sampling, on_output=self._on_output,
-                                        prompt_table=table, lora_uid=lora)
+                                        prompt_table=table, lora_uid=lora, return_context_logits=row.context_logits,
+                                        return_generation_logits=row.generation_logits)
                 added.append(engine_id)
         except BaseException:
             for engine_id in added:
@@ -261,6 +265,8 @@ class TritonPythonModel:
                 raise InputError(str(e)) from None
         return {"prompts": prompts, "samplings": samplings, "end_id": end_ids[0],
                 "prompt_tables": _prompt_tables(inputs, batch), "lora_uids": self._lora_uids(inputs, batch),
+                "context_logits": row_values("return_context_logits", "bool", False),
+                "generation_logits": row_values("return_generation_logits", "bool", False),
                     "streaming": bool(inputs.scalar("streaming", "bool", False)[0]),
                     "exclude_input": bool(inputs.scalar("exclude_input_in_output", "bool", False)[0])}
 
@@ -364,6 +370,11 @@ class TritonPythonModel:
         seq.last_time = now
         seq.token_ids += new_ids
         seq.log_probs += new_lps
+        for o in outs:
+            if o.context_logits is not None:
+                seq.context_logits = o.context_logits.numpy()
+            if o.generation_logits is not None and len(o.new_token_ids):
+                seq.gen_logits.append(o.generation_logits.numpy())
         if last.cum_log_prob is not None:
             seq.cum_log_prob = last.cum_log_prob
         if last.finished:
@@ -372,14 +383,16 @@ class TritonPythonModel:
         if call.streaming:
             if not new_ids and not last.finished:
                 return
-            response = self._response(call, row, [(last.sequence_index, seq, new_ids, new_lps)])
+            response = self._response(call, row, [(last.sequence_index, seq, new_ids, new_lps)], len(new_ids))
             self._send(call, response, final=call_done)
         elif row.finished:
             items = [(i, s, s.token_ids, s.log_probs) for i, s in sorted(row.sequences.items())]
-            self._send(call, self._response(call, row, items), final=call_done)
+            self._send(call, self._response(call, row, items, None), final=call_done)
 
-    def _response(self, call: _Call, row: _Row, items: list[tuple[int, _Sequence, list[int], list[float]]]) -> Any:
-        """Tensors for one batch row: `[1, num_sequences, tokens]` like tensorrtllm_backend."""
+    def _response(self, call: _Call, row: _Row, items: list[tuple[int, _Sequence, list[int], list[float]]],
+                  num_new: int | None) -> Any:
+        """Tensors for one batch row: `[1, num_sequences, tokens]` like tensorrtllm_backend.
+        `num_new`: a streamed response's new tokens (their generation logits); None: all of them."""
         prefix = [] if (call.streaming or call.exclude_input) else row.prompt_ids
         width = max(len(prefix) + len(ids) for _, _, ids, _ in items)
         output_ids = np.full((1, len(items), width), call.end_id, dtype=np.int32)
@@ -408,6 +421,7 @@ class TritonPythonModel:
         if not wanted or "finish_reason" in wanted:
             reasons = [(s.finish_reason or "").encode() for _, s, _, _ in items]
             tensors.append(pb_utils.Tensor("finish_reason", np.array([reasons], dtype=np.object_)))
+        tensors += _logits_tensors(row, items, num_new, wanted)
         return pb_utils.InferenceResponse(output_tensors=tensors)
 
     def _send(self, call: _Call, response: Any, final: bool) -> None:
@@ -500,6 +514,32 @@ def _is_cancelled(call: _Call) -> bool:
     # (measured: the server segfaults in TRITONBACKEND_ResponseFactoryIsCancelled).
     with call.lock:
         return not call.final_sent and call.request.is_cancelled()
+
+
+def _logits_tensors(row: _Row, items: list[tuple[int, _Sequence, list[int], list[float]]], num_new: int | None,
+                    wanted: frozenset[str]) -> list[Any]:
+    """`context_logits` [1, prompt, V] (once, with sequence 0's first response) and
+    `generation_logits` [1, sequences, tokens, V] (the response's tokens), when asked for."""
+    tensors = []
+    seq0 = next((s for i, s, _, _ in items if i == 0), None)
+    if row.context_logits and seq0 is not None and seq0.context_logits is not None \
+            and (not wanted or "context_logits" in wanted):
+        tensors.append(pb_utils.Tensor("context_logits", seq0.context_logits[None].astype(np.float32)))
+        seq0.context_logits = None
+    if row.generation_logits and (not wanted or "generation_logits" in wanted):
+        blocks = []
+        for _, s, _, _ in items:
+            rows = np.concatenate(s.gen_logits) if s.gen_logits else np.zeros((0, 0), np.float32)
+            blocks.append(rows[len(rows) - num_new:] if num_new is not None else rows)
+            if num_new is not None:
+                s.gen_logits = []  # streamed: sent with this response
+        steps = max(len(b) for b in blocks)
+        vocab = max((b.shape[1] for b in blocks if len(b)), default=0)
+        arr = np.zeros((1, len(blocks), steps, vocab), dtype=np.float32)
+        for k, b in enumerate(blocks):
+            arr[0, k, :len(b)] = b
+        tensors.append(pb_utils.Tensor("generation_logits", arr))
+    return tensors
 
 
 def _prompt_tables(inputs: RequestInputs, batch: int) -> list[Any]:
