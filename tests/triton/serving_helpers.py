@@ -18,6 +18,7 @@ GRPC_DTYPES = {
     "seed": np.uint64, "random_seed": np.uint64, "lora_task_id": np.uint64,
     "stream": np.bool_, "exclude_input_in_output": np.bool_, "ignore_eos": np.bool_,
     "return_log_probs": np.bool_, "return_context_logits": np.bool_, "return_generation_logits": np.bool_,
+    "prompt_vocab_size": np.int32,
     "return_num_input_tokens": np.bool_, "return_num_output_tokens": np.bool_,
     # generation (tensorrtllm_backend names)
     "input_ids": np.int32, "input_lengths": np.int32, "request_output_len": np.int32,

@@ -230,8 +230,8 @@ BAD_INPUTS = {
     "prompt too long": ([("text_input", "fox " * 700), ("max_tokens", 4)], "text_input"),
     "unknown stop-word type": ([("text_input", "hi"), ("max_tokens", 4),
                                 ("stop_words", np.array([[1, 2]], np.int32))], "stop_words"),
-    "unsupported feature": ([("text_input", "hi"), ("max_tokens", 4), ("return_context_logits", True)],
-                            "return_context_logits"),
+    "unsupported feature": ([("text_input", "hi"), ("max_tokens", 4),
+                             ("prompt_vocab_size", np.array([[4]], np.int32))], "prompt_vocab_size"),
 }
 
 
@@ -394,6 +394,17 @@ def test_generation_returns_context_and_generation_logits(triton_server, tokeniz
     np.testing.assert_allclose(ctx[0][0], ref[:len(prompt)], atol=1e-4)
     assert len(tokens) == 6 and gen.shape == (6, ref.shape[1])
     np.testing.assert_allclose(gen, ref[len(prompt) - 1:-1], atol=1e-4)
+    # The ensemble passes both through (text in): the same arrays for the same prompt.
+    ens = grpc_stream(triton_server.grpc_url, "ensemble", [
+        tensor("text_input", PROMPTS[2]), tensor("max_tokens", 6), tensor("end_id", -1), tensor("stream", streaming),
+        tensor("return_context_logits", True), tensor("return_generation_logits", True)])
+    assert ens.error is None and ens.num_final == 1
+    ens_ctx = [r["context_logits"] for r in ens.responses if "context_logits" in r]
+    ens_gen = np.concatenate([r["generation_logits"][0, 0] for r in ens.responses
+                              if r.get("generation_logits") is not None and r["generation_logits"].size])
+    assert len(ens_ctx) == 1
+    np.testing.assert_allclose(ens_ctx[0], ctx[0], atol=1e-5)
+    np.testing.assert_allclose(ens_gen, gen, atol=1e-5)
 
 
 def test_lora_task_id_serves_the_adapter_of_that_directory(triton_server, tokenizer):

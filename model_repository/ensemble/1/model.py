@@ -57,10 +57,10 @@ _FORWARDED: list[tuple[tuple[str, ...], str, str, Any, dict[str, Any]]] = [
     (("ignore_eos",), "ignore_eos", "bool", np.bool_, {}),
     (("return_log_probs",), "return_log_probs", "bool", np.bool_, {}),
     (("lora_task_id",), "lora_task_id", "int", np.uint64, {"lo": 0}),
+    (("return_context_logits",), "return_context_logits", "bool", np.bool_, {}),
+    (("return_generation_logits",), "return_generation_logits", "bool", np.bool_, {}),
 ]
 _UNSUPPORTED = {
-    "return_context_logits": "this engine does not return context logits",
-    "return_generation_logits": "this engine does not return generation logits",
     "prompt_embedding_table": "prompt tuning needs virtual token ids: send input_ids to the generation model",
     "prompt_vocab_size": "prompt tuning needs virtual token ids: send input_ids to the generation model",
 }
@@ -89,6 +89,9 @@ class _Job:
     want_log_probs: bool
     want_num_input: bool
     want_num_output: bool
+    want_context_logits: bool = False
+    want_generation_logits: bool = False
+    context_logits: Any = None        # [1, prompt, V] from generation, until sent
     cancelled: bool = False
     final_sent: bool = False
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -102,6 +105,7 @@ class _SequenceText:
     log_probs: list[float] = field(default_factory=list)
     finish_reason: str = ""
     pending_prefix: str = ""  # prompt text, sent with this sequence's first delta
+    gen_logits: list[Any] = field(default_factory=list)  # (k, V) blocks not sent yet
 
 
 class TritonPythonModel:
@@ -198,7 +202,9 @@ class TritonPythonModel:
         return _Job(request=request, sender=sender, generation_id=f"ens-{uuid.uuid4().hex}",
                     prompt_ids=prompt_ids, inputs=gen_inputs, streaming=streaming, exclude_input=exclude,
                     num_sequences=num_sequences, want_log_probs=bool(sent.get("return_log_probs")),
-                    want_num_input=want_num_input, want_num_output=want_num_output)
+                    want_num_input=want_num_input, want_num_output=want_num_output,
+                    want_context_logits=bool(sent.get("return_context_logits")),
+                    want_generation_logits=bool(sent.get("return_generation_logits")))
 
     # --- streaming from generation -----------------------------------------------------------
 
@@ -217,6 +223,8 @@ class TritonPythonModel:
             outputs = ["output_ids", "sequence_length", "sequence_index", "finish_reason"]
             if job.want_log_probs:
                 outputs += ["cum_log_probs", "output_log_probs"]
+            outputs += ["context_logits"] if job.want_context_logits else []
+            outputs += ["generation_logits"] if job.want_generation_logits else []
             gen_request = pb_utils.InferenceRequest(
                 model_name=self.generation_model, inputs=job.inputs, request_id=job.generation_id,
                 requested_output_names=outputs)
@@ -259,6 +267,10 @@ class TritonPythonModel:
         if job.want_log_probs:
             cum = pb_utils.get_output_tensor_by_name(response, "cum_log_probs").as_numpy().reshape(-1)
             lps = pb_utils.get_output_tensor_by_name(response, "output_log_probs").as_numpy()
+        ctx = _optional_output(response, "context_logits") if job.want_context_logits else None
+        if ctx is not None:
+            job.context_logits = ctx
+        gen = _optional_output(response, "generation_logits") if job.want_generation_logits else None
         for k in range(out_ids.shape[1]):
             # Streaming: one sequence per response (its index given); otherwise all of them, in order.
             index = first_index if job.streaming else k
@@ -268,6 +280,8 @@ class TritonPythonModel:
             delta = seq.pending_prefix + seq.detok.add(new_ids)
             seq.pending_prefix = ""
             seq.num_tokens += n
+            if gen is not None and gen.size:
+                seq.gen_logits.append(gen[0, k, :n])
             reason = reasons[k].decode() if isinstance(reasons[k], bytes) else str(reasons[k])
             if cum is not None:
                 seq.cum_log_prob = float(cum[k])
@@ -302,6 +316,11 @@ class TritonPythonModel:
         if job.want_num_output:
             tensors.append(pb_utils.Tensor("num_output_tokens", np.array(
                 [[s.num_tokens for _, s, _, _ in items]], dtype=np.int32)))
+        if job.want_context_logits and job.context_logits is not None:
+            tensors.append(pb_utils.Tensor("context_logits", np.ascontiguousarray(job.context_logits)))
+            job.context_logits = None
+        if job.want_generation_logits:
+            tensors.append(pb_utils.Tensor("generation_logits", _take_generation_logits([s for _, s, _, _ in items])))
         return pb_utils.InferenceResponse(output_tensors=tensors)
 
     def _send(self, job: _Job, response: Any, final: bool) -> None:
@@ -377,6 +396,23 @@ class TritonPythonModel:
 
     def finalize(self) -> None:
         self._stopping.set()
+
+
+def _optional_output(response: Any, name: str) -> Any:
+    tensor = pb_utils.get_output_tensor_by_name(response, name)
+    return None if tensor is None else tensor.as_numpy()
+
+
+def _take_generation_logits(seqs: list[_SequenceText]) -> Any:
+    """[1, sequences, tokens, V]: each sequence's logits not sent yet (then forgotten)."""
+    blocks = [np.concatenate(s.gen_logits) if s.gen_logits else np.zeros((0, 0), np.float32) for s in seqs]
+    for s in seqs:
+        s.gen_logits = []
+    steps, vocab = max(len(b) for b in blocks), max((b.shape[1] for b in blocks if len(b)), default=0)
+    arr = np.zeros((1, len(blocks), steps, vocab), dtype=np.float32)
+    for k, b in enumerate(blocks):
+        arr[0, k, :len(b)] = b
+    return arr
 
 
 def _rename_fields(message: str) -> str:
