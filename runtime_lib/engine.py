@@ -79,6 +79,7 @@ class _RequestState:
     context_logits: torch.Tensor | None = None  # (prompt_len, V) float32 on the host, filled chunk by chunk
     context_sent: bool = False
     gen_logits: list[torch.Tensor] = field(default_factory=list)  # one (V,) row per output token
+    embedding_bias: torch.Tensor | None = None  # (V,) on the device, added to the logits before sampling
 
 
 @dataclass(slots=True)
@@ -158,7 +159,8 @@ class LLMEngine:
                     priority: int = 0, detokenize: bool = False,
                     prompt_table: torch.Tensor | None = None, lora_uid: str | None = None,
                     return_context_logits: bool = False,
-                    return_generation_logits: bool = False) -> RequestStream | None:
+                    return_generation_logits: bool = False,
+                    embedding_bias: torch.Tensor | None = None) -> RequestStream | None:
         """Queue a request. Raises ValueError (bad input, naming the field) or EngineBusyError.
         Outputs go to `on_output` (called on the engine thread: only enqueue there), or, without
         it, to the returned `RequestStream`. `detokenize=True` adds each output's text delta
@@ -169,10 +171,12 @@ class LLMEngine:
         adapter of `EngineConfig.lora_dir` to serve the request with (None or "-1": none).
         `return_context_logits` / `return_generation_logits`: RequestOutput carries the prompt's
         logits and each new token's (float32, host; each costs the step a device->host copy, and
-        context logits compute the whole prompt: no prefix-cache hit)."""
+        context logits compute the whole prompt: no prefix-cache hit). `embedding_bias` (V,):
+        added to the logits before sampling (tensorrtllm_backend's input; all zeros: none)."""
         if (return_context_logits or return_generation_logits) and sampling.num_beams > 1:
             raise ValueError("return_context_logits / return_generation_logits are not supported with beam search "
                              f"(num_beams={sampling.num_beams})")
+        bias = self._check_embedding_bias(embedding_bias, sampling)
         table, salt = self._check_prompt_table(prompt_table)
         lora = self._lora_adapter(lora_uid)
         if lora is not None:  # its KV differs from the base model's: its own prefix-cache namespace
@@ -206,7 +210,7 @@ class LLMEngine:
                 needs_history=_needs_history(p),
                 detokenizer=self.tokenizer.incremental() if detokenize else None, prompt_table=table, lora=lora,
                 want_context_logits=return_context_logits and i == 0,
-                want_generation_logits=return_generation_logits)
+                want_generation_logits=return_generation_logits, embedding_bias=bias)
             seqs.append(seq)
         seqs[0].data.siblings = seqs[1:]
         with self._lock:
@@ -283,6 +287,23 @@ class LLMEngine:
         wanted = max(per_seq, int(cfg.max_num_seqs * per_seq * cfg.kv_cache_memory_fraction))
         available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
         return max(1, min(wanted, int(available * cfg.kv_cache_memory_fraction) // bytes_per_block))
+
+    def _check_embedding_bias(self, bias: Any, sampling: SamplingConfig) -> torch.Tensor | None:
+        if bias is None:
+            return None
+        V = self.model_config.vocab_size
+        bias = torch.as_tensor(bias, dtype=torch.float32)
+        if bias.dim() == 2 and bias.shape[0] == 1:
+            bias = bias[0]
+        if bias.shape != (V,):
+            raise ValueError(f"embedding_bias must have shape [{V}] (the vocabulary), got {list(bias.shape)}")
+        if not torch.isfinite(bias).all():
+            raise ValueError("embedding_bias has NaN or infinite values")
+        if not bias.any():
+            return None  # tensorrtllm_backend's preprocessing sends zeros when there is no bias
+        if sampling.num_beams > 1:
+            raise ValueError(f"embedding_bias is not supported with beam search (num_beams={sampling.num_beams})")
+        return bias.to(self.device)
 
     def _load_lora_adapters(self, lora_dir: str | None) -> Any:
         """A lora.LoraManager with every adapter directory under `lora_dir`, by directory name."""
@@ -564,6 +585,10 @@ class LLMEngine:
             steps = torch.tensor([s.num_output_tokens for s in seqs], dtype=torch.int64)
         history = dict(prompt_ids=[s.prompt_token_ids for s in seqs],
                        output_ids=[s.output_token_ids for s in seqs]) if st.needs_history else {}
+        biased = [i for i, s in enumerate(seqs) if s.data.embedding_bias is not None]
+        if biased:  # out of place: the logits may be a graph's output, read again for generation_logits
+            rows = torch.tensor(biased, dtype=torch.long, device=logits.device)
+            logits = logits.index_add(0, rows, torch.stack([seqs[i].data.embedding_bias for i in biased]))
         return sample(logits, st, steps=steps, **history)
 
     def _append(self, seq: Sequence, tok: int, log_prob: float | None,

@@ -108,3 +108,31 @@ def test_beams_with_logits_are_refused(setup):
     with pytest.raises(ValueError, match=r"not supported with beam search \(num_beams=2\)"):
         engine.add_request("b", PROMPTS[0], SamplingConfig(end_id=-1, pad_id=0, max_new_tokens=2, num_beams=2),
                            return_generation_logits=True)
+
+
+def test_embedding_bias_is_added_before_sampling_per_request(setup, llama_dir):
+    """A request's embedding_bias [V] shifts its logits before sampling (tokens equal ModelRunner
+    with a processor adding the same bias); other requests in the batch are untouched, an
+    all-zero bias is no bias, and a bias of the wrong size names the field."""
+    from runtime_lib.model_runner import ModelRunner
+
+    engine, _ = setup
+    V = engine.model_config.vocab_size
+    bias = torch.randn(V, generator=torch.Generator().manual_seed(0)) * 5.0
+    runner = ModelRunner.from_dir(llama_dir, device="cpu")
+
+    def add_bias(step, ids, logits):
+        return logits + bias
+
+    ref = runner.generate([torch.tensor(PROMPTS[0])], max_new_tokens=NEW, end_id=-1, pad_id=0,
+                          logits_processor=add_bias)[0, 0, len(PROMPTS[0]):len(PROMPTS[0]) + NEW].tolist()
+    plain = runner.generate([torch.tensor(PROMPTS[1])], max_new_tokens=NEW, end_id=-1, pad_id=0)
+    scfg = SamplingConfig(end_id=-1, pad_id=0, max_new_tokens=NEW)
+    a = engine.add_request("bias", PROMPTS[0], scfg, embedding_bias=bias)
+    b = engine.add_request("nobias", PROMPTS[1], scfg, embedding_bias=torch.zeros(1, V))
+    assert [t for o in a for t in o.new_token_ids] == ref
+    assert [t for o in b for t in o.new_token_ids] == plain[0, 0, len(PROMPTS[1]):len(PROMPTS[1]) + NEW].tolist()
+    assert ref != runner.generate([torch.tensor(PROMPTS[0])], max_new_tokens=NEW, end_id=-1, pad_id=0)[
+        0, 0, len(PROMPTS[0]):len(PROMPTS[0]) + NEW].tolist()
+    with pytest.raises(ValueError, match=rf"embedding_bias must have shape \[{V}\] \(the vocabulary\), got \[7\]"):
+        engine.add_request("bad", PROMPTS[0], scfg, embedding_bias=torch.ones(7))

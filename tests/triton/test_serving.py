@@ -407,6 +407,31 @@ def test_generation_returns_context_and_generation_logits(triton_server, tokeniz
     np.testing.assert_allclose(ens_gen, gen, atol=1e-5)
 
 
+def test_generation_takes_an_embedding_bias(triton_server, tokenizer):
+    """`embedding_bias` [batch, vocab] FP32 (tensorrtllm_backend's input): a bias that favours one
+    token makes greedy decoding pick it; all zeros (what its preprocessing sends without bias
+    words) is no bias; a wrong size is refused naming the input."""
+    runner = ModelRunner.from_dir(triton_server.model_dir, device="cpu")
+    prompt = tokenizer.encode(PROMPTS[0])
+    base = [tensor("input_ids", np.array([prompt], np.int32), np.int32), tensor("input_lengths", len(prompt), np.int32),
+            tensor("request_output_len", 4, np.int32), tensor("end_id", -1, np.int32),
+            tensor("exclude_input_in_output", True, np.bool_)]
+
+    def tokens(bias):
+        res = grpc_stream(triton_server.grpc_url, "generation", base + [tensor("embedding_bias", bias, np.float32)])
+        assert res.error is None, res.error
+        return res.responses[0]["output_ids"][0, 0, :4].tolist()
+
+    favour = np.zeros((1, runner.vocab_size), np.float32)
+    favour[0, 42] = 1000.0
+    assert tokens(favour) == [42] * 4
+    plain = runner.generate([torch.tensor(prompt)], max_new_tokens=4, end_id=-1, pad_id=0)
+    assert tokens(np.zeros((1, runner.vocab_size), np.float32)) == plain[0, 0, len(prompt):len(prompt) + 4].tolist()
+    wrong = tensor("embedding_bias", np.ones((1, 7), np.float32), np.float32)
+    res = grpc_stream(triton_server.grpc_url, "generation", base + [wrong])
+    assert res.error is not None and "embedding_bias must have shape" in res.error
+
+
 def test_lora_task_id_serves_the_adapter_of_that_directory(triton_server, tokenizer):
     """`lora_task_id` (tensorrtllm_backend's input) picks an adapter of generation's lora_dir:
     the tokens equal ModelRunner with that adapter, through generation (ids) and the ensemble

@@ -38,9 +38,6 @@ from runtime_lib.config import SamplingConfig
 from runtime_lib.tokenizer import from_word_list_format
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
-_UNSUPPORTED = {
-    "embedding_bias": "this engine has no embedding bias",
-}
 
 
 @dataclass(eq=False)
@@ -194,7 +191,8 @@ class TritonPythonModel:
                                                                plan["prompt_tables"], plan["lora_uids"]):
                 self.engine.add_request(engine_id, row.prompt_ids, sampling, on_output=self._on_output,
                                         prompt_table=table, lora_uid=lora, return_context_logits=row.context_logits,
-                                        return_generation_logits=row.generation_logits)
+                                        return_generation_logits=row.generation_logits,
+                                        embedding_bias=plan["embedding_bias"][row.batch_index])
                 added.append(engine_id)
         except BaseException:
             for engine_id in added:
@@ -206,8 +204,6 @@ class TritonPythonModel:
         self._metrics.on_request()
 
     def _parse(self, inputs: RequestInputs) -> dict[str, Any]:
-        for name, why in _UNSUPPORTED.items():
-            inputs.reject_if_set(name, why)
         ids = inputs.required("input_ids", "iu", "INT32")
         if ids.ndim == 1:
             ids = ids[None, :]
@@ -265,6 +261,7 @@ class TritonPythonModel:
                 raise InputError(str(e)) from None
         return {"prompts": prompts, "samplings": samplings, "end_id": end_ids[0],
                 "prompt_tables": _prompt_tables(inputs, batch), "lora_uids": self._lora_uids(inputs, batch),
+                "embedding_bias": _embedding_biases(inputs, batch),
                 "context_logits": row_values("return_context_logits", "bool", False),
                 "generation_logits": row_values("return_generation_logits", "bool", False),
                     "streaming": bool(inputs.scalar("streaming", "bool", False)[0]),
@@ -540,6 +537,20 @@ def _logits_tensors(row: _Row, items: list[tuple[int, _Sequence, list[int], list
             arr[0, k, :len(b)] = b
         tensors.append(pb_utils.Tensor("generation_logits", arr))
     return tensors
+
+
+def _embedding_biases(inputs: RequestInputs, batch: int) -> list[Any]:
+    """Each row's `embedding_bias` [vocab] (one row broadcasts) or None; the engine checks the size."""
+    arr = inputs.array("embedding_bias")
+    if arr is None:
+        return [None] * batch
+    if arr.dtype.kind != "f":
+        raise InputError(f"embedding_bias must be FP32, got {arr.dtype}")
+    if arr.ndim == 1:
+        arr = arr[None]
+    if arr.ndim != 2 or arr.shape[0] not in (1, batch):
+        raise InputError(f"embedding_bias must have shape [batch, vocab], got {list(arr.shape)}")
+    return [arr[b if arr.shape[0] > 1 else 0] for b in range(batch)]
 
 
 def _prompt_tables(inputs: RequestInputs, batch: int) -> list[Any]:
