@@ -230,8 +230,8 @@ BAD_INPUTS = {
     "prompt too long": ([("text_input", "fox " * 700), ("max_tokens", 4)], "text_input"),
     "unknown stop-word type": ([("text_input", "hi"), ("max_tokens", 4),
                                 ("stop_words", np.array([[1, 2]], np.int32))], "stop_words"),
-    "unsupported feature": ([("text_input", "hi"), ("max_tokens", 4),
-                             ("prompt_vocab_size", np.array([[4]], np.int32))], "prompt_vocab_size"),
+    "prompt_vocab_size without a table": ([("text_input", "hi"), ("max_tokens", 4),
+                                           ("prompt_vocab_size", np.array([[4]], np.int32))], "prompt_vocab_size"),
 }
 
 
@@ -501,6 +501,19 @@ def test_generation_takes_a_prompt_embedding_table_like_tensorrtllm_backend(trit
     assert res.error is not None and "prompt_embedding_table" in str(res.error)
     res = send(tensor("prompt_embedding_table", np.zeros((1, 4, H + 1), np.float16), np.float16))
     assert res.error is not None and "prompt_embedding_table" in str(res.error)
+    # Through the ensemble (text in): the table's rows become a virtual-token prefix, V + 0..3.
+    text = PROMPTS[0]
+    ids = [V, V + 1, V + 2, V + 3] + tokenizer.encode(text)
+    soft = runner.generate([torch.tensor(ids)], max_new_tokens=8, end_id=tokenizer.end_id, pad_id=0,
+                           prompt_table=torch.from_numpy(table.astype(np.float32)), return_dict=True,
+                           output_sequence_lengths=True)
+    gen = soft["output_ids"][0, 0, len(ids):int(soft["sequence_lengths"][0, 0])].tolist()
+    ens = grpc_stream(triton_server.grpc_url, "ensemble", [
+        tensor("text_input", text), tensor("max_tokens", 8), tensor("exclude_input_in_output", True),
+        tensor("return_num_input_tokens", True), tensor("prompt_embedding_table", table, np.float16)])
+    assert ens.error is None and ens.num_final == 1
+    assert ens.responses[0]["text_output"][0].decode() == tokenizer.decode(gen)
+    assert int(ens.responses[0]["num_input_tokens"][0, 0]) == len(ids)
 
 
 def test_preprocessing_and_postprocessing_roundtrip(triton_server, tokenizer):

@@ -34,6 +34,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 from _llm_common import InputError, ModelParameters, RequestInputs, error_response
 
+from runtime_lib.config import ModelConfig
 from runtime_lib.tokenizer import IncrementalDetokenizer, load_tokenizer, to_word_list_format
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
@@ -60,10 +61,7 @@ _FORWARDED: list[tuple[tuple[str, ...], str, str, Any, dict[str, Any]]] = [
     (("return_context_logits",), "return_context_logits", "bool", np.bool_, {}),
     (("return_generation_logits",), "return_generation_logits", "bool", np.bool_, {}),
 ]
-_UNSUPPORTED = {
-    "prompt_embedding_table": "prompt tuning needs virtual token ids: send input_ids to the generation model",
-    "prompt_vocab_size": "prompt tuning needs virtual token ids: send input_ids to the generation model",
-}
+_UNSUPPORTED: dict[str, str] = {}
 # generation / SamplingConfig field names -> the names this model's clients sent.
 _FIELD_NAMES = {
     "input_ids": "text_input", "request_output_len": "max_tokens", "max_new_tokens": "max_tokens",
@@ -92,6 +90,7 @@ class _Job:
     want_context_logits: bool = False
     want_generation_logits: bool = False
     context_logits: Any = None        # [1, prompt, V] from generation, until sent
+    num_virtual: int = 0              # prompt tuning's virtual tokens before the prompt
     cancelled: bool = False
     final_sent: bool = False
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -114,6 +113,8 @@ class TritonPythonModel:
         params = ModelParameters(self.model_config)
         self.tokenizer = load_tokenizer(params.model_dir(),
                                         add_special_tokens=params.bool("add_special_tokens", True))
+        # Prompt tuning: a table's rows become virtual ids from the model's vocab_size on.
+        self.vocab_size = ModelConfig.from_dir(params.model_dir()).vocab_size
         self.generation_model = params.str("generation_model", "generation")
         self._poll_s = params.int("cancellation_check_period_ms", 20, lo=1) / 1000.0
         # Streams composed at once. Past a few dozen concurrent BLS streams, each also sending
@@ -172,13 +173,15 @@ class TritonPythonModel:
         want_num_input = bool(inputs.scalar("return_num_input_tokens", "bool", False)[0])
         want_num_output = bool(inputs.scalar("return_num_output_tokens", "bool", False)[0])
 
+        virtual, table_inputs = self._prompt_table(inputs)
+        model_ids = virtual + prompt_ids
         gen_inputs = [
-            pb_utils.Tensor("input_ids", np.array([prompt_ids], dtype=np.int32)),
-            pb_utils.Tensor("input_lengths", np.array([[len(prompt_ids)]], dtype=np.int32)),
+            pb_utils.Tensor("input_ids", np.array([model_ids], dtype=np.int32)),
+            pb_utils.Tensor("input_lengths", np.array([[len(model_ids)]], dtype=np.int32)),
             pb_utils.Tensor("request_output_len", np.array([[max_tokens]], dtype=np.int32)),
             pb_utils.Tensor("streaming", np.array([[streaming]], dtype=np.bool_)),
             pb_utils.Tensor("exclude_input_in_output", np.array([[True]], dtype=np.bool_)),
-        ]
+        ] + table_inputs
         sent: dict[str, Any] = {}
         for names, gen_name, kind, dtype, bounds in _FORWARDED:
             if inputs.first(*names)[1] is None:
@@ -204,7 +207,7 @@ class TritonPythonModel:
                     num_sequences=num_sequences, want_log_probs=bool(sent.get("return_log_probs")),
                     want_num_input=want_num_input, want_num_output=want_num_output,
                     want_context_logits=bool(sent.get("return_context_logits")),
-                    want_generation_logits=bool(sent.get("return_generation_logits")))
+                    want_generation_logits=bool(sent.get("return_generation_logits")), num_virtual=len(virtual))
 
     # --- streaming from generation -----------------------------------------------------------
 
@@ -249,6 +252,24 @@ class TritonPythonModel:
                 self._finish(job, error="internal error: stream ended without a result", code="INTERNAL")
             with self._jobs_lock:
                 self._jobs.pop(id(job), None)
+
+    def _prompt_table(self, inputs: RequestInputs) -> tuple[list[int], list[Any]]:
+        """Prompt tuning through text: the table's rows (its first `prompt_vocab_size`) become a
+        prefix of virtual tokens before the prompt, ids vocab_size + 0, 1, ... (the soft prompt of
+        p-tuning); generation checks the table. ([], []) without a table."""
+        arr = inputs.array("prompt_embedding_table")
+        if arr is None:
+            if inputs.array("prompt_vocab_size") is not None:
+                raise InputError("prompt_vocab_size needs a prompt_embedding_table")
+            return [], []
+        if arr.ndim == 2:
+            arr = arr[None]
+        if arr.ndim != 3 or arr.shape[0] != 1 or 0 in arr.shape:
+            raise InputError(f"prompt_embedding_table must have shape [1, rows, hidden], got {list(arr.shape)}")
+        rows = inputs.scalar("prompt_vocab_size", "int", arr.shape[1], lo=1, hi=arr.shape[1])[0]
+        tensors = [pb_utils.Tensor("prompt_embedding_table", np.ascontiguousarray(arr)),
+                   pb_utils.Tensor("prompt_vocab_size", np.array([[rows]], dtype=np.int32))]
+        return [self.vocab_size + i for i in range(rows)], tensors
 
     def _sequence(self, job: _Job, sequences: dict[int, _SequenceText], index: int) -> _SequenceText:
         seq = sequences.get(index)
@@ -312,7 +333,8 @@ class TritonPythonModel:
                 arr[0, k, :len(lp)] = lp
             tensors.append(pb_utils.Tensor("output_log_probs", arr))
         if job.want_num_input:
-            tensors.append(pb_utils.Tensor("num_input_tokens", np.array([[len(job.prompt_ids)]], dtype=np.int32)))
+            tensors.append(pb_utils.Tensor("num_input_tokens", np.array([[len(job.prompt_ids) + job.num_virtual]],
+                                                                           dtype=np.int32)))
         if job.want_num_output:
             tensors.append(pb_utils.Tensor("num_output_tokens", np.array(
                 [[s.num_tokens for _, s, _, _ in items]], dtype=np.int32)))
