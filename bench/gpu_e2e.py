@@ -513,9 +513,11 @@ def step_phases(steps: list[tuple[float, int, int]], t0: float) -> dict:
 
 
 def run_engine(session: Session, prompts: list[torch.Tensor], osl: int, engine: LLMEngine,
-               gap_s: float = 0.0, tokens: list[list[int]] | None = None) -> dict:
+               gap_s: float = 0.0, tokens: list[list[int]] | None = None,
+               lora_uids: list[str | None] | None = None) -> dict:
     """Submit every prompt at once (or one every `gap_s` seconds); per request the submit time
     and (time, n tokens) arrivals. `tokens`: filled with each request's output token ids.
+    `lora_uids`: each request's LoRA adapter (bench/gpu_lora.py).
     Also the split of the run's time between mixed and decode-only steps (`step_phases`)."""
     steps: list[tuple[float, int, int]] = []
     on_step_done = engine.scheduler.on_step_done
@@ -559,7 +561,8 @@ def run_engine(session: Session, prompts: list[torch.Tensor], osl: int, engine: 
         if gap_s and i:
             time.sleep(gap_s)
         submit[rid] = time.perf_counter()
-        engine.add_request(rid, p.tolist(), scfg, on_output=on_output)
+        engine.add_request(rid, p.tolist(), scfg, on_output=on_output,
+                           lora_uid=lora_uids[i] if lora_uids is not None else None)
     done.wait()
     if tokens is not None:
         tokens += [out_ids[f"r{i}-{t0}"] for i in range(len(prompts))]
