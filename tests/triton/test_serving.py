@@ -545,8 +545,8 @@ def test_preprocessing_and_postprocessing_roundtrip(triton_server, tokenizer):
 
 
 def test_mixed_settings_under_load_equal_each_request_alone(triton_server):
-    """Issue 5: N concurrent streams with mixed greedy / seeded-sampling settings get, per
-    request, exactly the text that request gets when sent alone."""
+    """Issue 5: N concurrent streams with mixed greedy / seeded-sampling settings (and LoRA
+    adapters, or none) get, per request, exactly the text that request gets when sent alone."""
     rng = np.random.default_rng(5)
     jobs = []
     for i in range(16):
@@ -556,6 +556,8 @@ def test_mixed_settings_under_load_equal_each_request_alone(triton_server):
             "top_p": float(rng.choice([0.8, 0.95, 1.0])), "seed": 100 + i}
         if i % 5 == 4:
             params["repetition_penalty"] = 1.3
+        if i % 4:
+            params["lora_task_id"] = 1 + i % 2    # the server's lora_dir adapters "1" and "2"
         jobs.append((prompt, 12 + i % 7, params))
 
     def run(job) -> str:
