@@ -32,8 +32,10 @@ def str_dtype_to_torch(dtype: str | torch.dtype) -> torch.dtype:
 # scale of 1 (values saturate at +-448), as vLLM's kv_cache_dtype="fp8" does without calibration:
 # half the bytes of a bf16 cache for decode attention to read, twice the sequences in the pool.
 KV_CACHE_DTYPES = ("auto", "fp8")
-FP8_KV_DTYPE = torch.float8_e4m3fn
-FP8_KV_MAX = 448.0
+FP8_DTYPE = torch.float8_e4m3fn   # e4m3, for FP8 weights (layers/fp8_linear.py) and KV caches alike
+FP8_MAX = 448.0                   # e4m3's largest finite value
+FP8_KV_DTYPE = FP8_DTYPE
+FP8_KV_MAX = FP8_MAX
 
 
 # Weight quantization of the decoder's projections (layers/fp8_linear.py): "fp8" stores them as

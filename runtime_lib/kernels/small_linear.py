@@ -44,6 +44,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from runtime_lib.config import FP8_DTYPE
 from runtime_lib.kernels.paged_attention import device_parallelism, interpreter_dot_upcast, mma
 from runtime_lib.kernels.pdl import first_tile_then_wait, prefetch_columns
 from runtime_lib.kernels.rounding import interpreter_rounds_bf16, round_to
@@ -51,7 +52,7 @@ from runtime_lib.kernels.rounding import interpreter_rounds_bf16, round_to
 MAX_ROWS = 16
 PROLOGUES = {"none": 0, "rmsnorm": 1, "silu_mul": 2}
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-FP8_WEIGHT_DTYPE = torch.float8_e4m3fn
+FP8_WEIGHT_DTYPE = FP8_DTYPE
 
 
 @triton.jit

@@ -13,8 +13,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-FP8_DTYPE = torch.float8_e4m3fn
-FP8_MAX = 448.0
+from ..config import FP8_DTYPE, FP8_MAX
+
 _MIN_SCALE = 1e-12                 # an all-zero row keeps a finite scale
 
 
@@ -46,11 +46,14 @@ class Fp8Linear(nn.Module):
             y = torch._scaled_mm(q, self.weight.t(), scale_a=scale, scale_b=self.weight_scale.view(1, -1),
                                  out_dtype=torch.bfloat16).to(x.dtype)                # (M, out)
         else:          # the same products in fp32 (CPU _scaled_mm takes row-wise scales only from torch 2.13)
-            w = self.weight.float() * self.weight_scale[:, None]
-            y = torch.mm(q.float() * scale, w.t()).to(x.dtype)                        # (M, out)
+            y = torch.mm(q.float() * scale, self.dequantized_weight().t()).to(x.dtype)  # (M, out)
         if self.bias is not None:
             y = y + self.bias
         return y.view(*lead, self.out_features)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The weight the e4m3 rows and their scales stand for, (out, in) fp32."""
+        return self.weight.float() * self.weight_scale[:, None]
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
@@ -67,17 +70,20 @@ def fp8_linear_names(model: nn.Module) -> list[str]:
     return [name for name, m in model.named_modules() if isinstance(m, nn.Linear) and name != "lm_head"]
 
 
+def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent), attr, module)
+
+
 def swap_in_fp8_linears(model: nn.Module, cuda: bool = False) -> None:
     """Replace `fp8_linear_names(model)` by empty `Fp8Linear`s of the same shapes (on the meta
     device, before the weights are assigned). `cuda`: check what `_scaled_mm` needs there."""
     for name in fp8_linear_names(model):
-        parent_name, _, attr = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        old: nn.Linear = getattr(parent, attr)
+        old: nn.Linear = model.get_submodule(name)
         if cuda and (old.in_features % 16 or old.out_features % 16):
             raise ValueError(f"quantization='fp8' needs the dimensions of every projection to be multiples "
                              f"of 16 on CUDA; {name} is ({old.out_features}, {old.in_features})")
-        setattr(parent, attr, Fp8Linear(old.in_features, old.out_features, old.bias is not None, old.weight.dtype))
+        _replace(model, name, Fp8Linear(old.in_features, old.out_features, old.bias is not None, old.weight.dtype))
 
 
 def dequantize_model(model: nn.Module) -> nn.Module:
@@ -94,11 +100,10 @@ def dequantize_model(model: nn.Module) -> nn.Module:
         if isinstance(mod, Fp8Linear):
             lin = nn.Linear(mod.in_features, mod.out_features, bias=mod.bias is not None,
                             device=mod.weight.device, dtype=dtype)
-            lin.weight.data = (mod.weight.float() * mod.weight_scale[:, None]).to(lin.weight.dtype)
+            lin.weight.data = mod.dequantized_weight().to(lin.weight.dtype)
             if mod.bias is not None:
                 lin.bias.data = mod.bias.data.clone()
-            parent, _, attr = name.rpartition(".")
-            setattr(plain.get_submodule(parent), attr, lin)
+            _replace(plain, name, lin)
     if hasattr(plain, "config"):
         plain.config = dataclasses.replace(plain.config, quantization="none")
     return plain.requires_grad_(False)

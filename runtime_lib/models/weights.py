@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from ..config import FP8_DTYPE
+
 ENGINE_WEIGHTS_FILE = "rank0.safetensors"
 
 
@@ -113,14 +115,14 @@ def _fp8_weight_and_scale(ckpt: HFCheckpoint, available: dict[str, str], name: s
     weights, scales = [], []
     for src in spec.sources:
         w, s = ckpt.get(available[src]), ckpt.get(available[src + "_scale"]).float().reshape(-1)
-        if w.dtype != torch.float8_e4m3fn:
+        if w.dtype != FP8_DTYPE:
             raise ValueError(f"{src} has a weight_scale but is {w.dtype}, not float8_e4m3fn")
         if s.numel() not in (1, w.shape[0]):
             raise ValueError(f"{src}_scale has {s.numel()} values; supported: one per tensor or one per output "
                              f"channel ({w.shape[0]}), not block-wise scales")
         weights.append(w.view(torch.uint8))
         scales.append(s.expand(w.shape[0]))
-    yield name, torch.cat(weights, dim=0).view(torch.float8_e4m3fn).contiguous()
+    yield name, torch.cat(weights, dim=0).view(FP8_DTYPE).contiguous()
     yield name + "_scale", torch.cat(scales).contiguous()
 
 
