@@ -74,6 +74,7 @@ def _fuse(config: ModelConfig, parts: list[tuple[int, str, torch.Tensor, torch.T
             raise ValueError(f"{where}: layer {layer} {part} has A {tuple(a.shape)} and B {tuple(b.shape)}; the "
                              f"model needs A (r, {cols}) and B ({rows}, r)")
         fused.setdefault(f"layers.{layer}.{module}", []).append((row0, a.float(), b.float()))
+    dtype = dtype or config.torch_dtype
     weights = {}
     for module, items in fused.items():
         a_all = torch.cat([a for _, a, _ in items])                                # (R, in)
@@ -82,9 +83,44 @@ def _fuse(config: ModelConfig, parts: list[tuple[int, str, torch.Tensor, torch.T
         for row0, a, b in items:
             b_all[row0:row0 + b.shape[0], col:col + a.shape[0]] = b
             col += a.shape[0]
-        weights[module] = (a_all.to(device, dtype or config.torch_dtype), b_all.to(device, dtype or config.torch_dtype))
+        weights[module] = (a_all.to(device, dtype), b_all.to(device, dtype))
     rank = max((a.shape[0] for _, _, a, _ in parts), default=0)
     return LoraAdapter(uid=uid, rank=rank, weights=weights)
+
+
+def _check_family(config: ModelConfig) -> None:
+    if config.family not in LORA_FAMILIES:
+        raise ValueError(f"LoRA adapters are supported for the {list(LORA_FAMILIES)} families, not {config.family!r}")
+
+
+def _peft_config(path: Path) -> tuple[dict, float]:
+    """A PEFT LoRA directory's adapter_config.json and the scaling its updates get."""
+    if not (path / "adapter_config.json").is_file() or not (path / "adapter_model.safetensors").is_file():
+        raise ValueError(f"LoRA adapter {str(path)!r} needs adapter_config.json and adapter_model.safetensors "
+                         f"(a PEFT LoRA directory)")
+    cfg = json.loads((path / "adapter_config.json").read_text())
+    r, alpha = int(cfg["r"]), float(cfg.get("lora_alpha", cfg["r"]))
+    return cfg, alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
+
+
+def _peft_parts(path: Path, scaling: float, known: Sequence[str]) -> list[tuple[int, str, torch.Tensor, torch.Tensor]]:
+    """(layer, part, A (r, in), B (out, r) times `scaling`) of every adapted part in `known`,
+    in (layer, part) order."""
+    from safetensors.torch import load_file
+
+    halves: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    for name, tensor in load_file(str(path / "adapter_model.safetensors")).items():
+        m = _KEY.search(name)
+        if m is None or m.group(2) not in known:
+            raise ValueError(f"LoRA adapter {str(path)!r}: weight {name!r} is not a lora_A/lora_B of the decoder "
+                             f"projections {sorted(known)}")
+        halves.setdefault((int(m.group(1)), m.group(2)), {})[m.group(3)] = tensor
+    parts = []
+    for (layer, part), ab in sorted(halves.items()):
+        if set(ab) != {"A", "B"}:
+            raise ValueError(f"LoRA adapter {str(path)!r}: layer {layer} {part} has lora_{''.join(ab)} only")
+        parts.append((layer, part, ab["A"].float(), ab["B"].float() * scaling))
+    return parts
 
 
 def load_hf_lora(path: str | Path, config: ModelConfig, uid: str, device: str | torch.device = "cpu",
@@ -92,37 +128,16 @@ def load_hf_lora(path: str | Path, config: ModelConfig, uid: str, device: str | 
     """A PEFT LoRA directory (adapter_config.json + adapter_model.safetensors) for `config`'s model.
     Raises ValueError naming what it cannot serve (another family, DoRA, fan_in_fan_out,
     trained biases or modules_to_save, a module outside the decoder's projections)."""
-    from safetensors.torch import load_file
-
     path = Path(path)
-    if config.family not in LORA_FAMILIES:
-        raise ValueError(f"LoRA adapters are supported for the {list(LORA_FAMILIES)} families, not {config.family!r}")
-    cfg_file, weights_file = path / "adapter_config.json", path / "adapter_model.safetensors"
-    if not cfg_file.is_file() or not weights_file.is_file():
-        raise ValueError(f"LoRA adapter {str(path)!r} needs adapter_config.json and adapter_model.safetensors "
-                         f"(a PEFT LoRA directory)")
-    cfg = json.loads(cfg_file.read_text())
+    _check_family(config)
+    cfg, scaling = _peft_config(path)
     for key, ok in (("peft_type", lambda v: v in (None, "LORA")), ("use_dora", lambda v: not v),
                     ("fan_in_fan_out", lambda v: not v), ("bias", lambda v: v in (None, "none")),
                     ("modules_to_save", lambda v: not v)):
         if not ok(cfg.get(key)):
             raise ValueError(f"LoRA adapter {str(path)!r}: {key}={cfg.get(key)!r} is not supported")
-    r, alpha = int(cfg["r"]), float(cfg.get("lora_alpha", cfg["r"]))
-    scaling = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
-    where = f"LoRA adapter {str(path)!r}"
-    halves: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
-    for name, tensor in load_file(str(weights_file)).items():
-        m = _KEY.search(name)
-        if m is None or m.group(2) not in _geometry(config):
-            raise ValueError(f"{where}: weight {name!r} is not a lora_A/lora_B of the decoder projections "
-                             f"{sorted(_geometry(config))}")
-        halves.setdefault((int(m.group(1)), m.group(2)), {})[m.group(3)] = tensor
-    parts = []
-    for (layer, part), ab in sorted(halves.items()):
-        if set(ab) != {"A", "B"}:
-            raise ValueError(f"{where}: layer {layer} {part} has lora_{''.join(ab)} only")
-        parts.append((layer, part, ab["A"].float(), ab["B"].float() * scaling))
-    return _fuse(config, parts, uid, where, device, dtype)
+    parts = _peft_parts(path, scaling, list(_geometry(config)))
+    return _fuse(config, parts, uid, f"LoRA adapter {str(path)!r}", device, dtype)
 
 
 def lora_from_trtllm(weights: torch.Tensor, lora_config: torch.Tensor, config: ModelConfig, uid: str,
@@ -131,8 +146,7 @@ def lora_from_trtllm(weights: torch.Tensor, lora_config: torch.Tensor, config: M
     `lora_config`, as `hf_lora_convert.py` writes them): config rows [module_id, layer, r], and
     weight rows holding A (r, in) then B (out, r) (scaling folded in) flattened, zero-padded."""
     where = f"LoRA task {uid}"
-    if config.family not in LORA_FAMILIES:
-        raise ValueError(f"LoRA adapters are supported for the {list(LORA_FAMILIES)} families, not {config.family!r}")
+    _check_family(config)
     if (lora_config.dim() != 2 or lora_config.shape[1] not in (3, 4) or weights.dim() != 2
             or weights.shape[0] != lora_config.shape[0]):
         raise ValueError(f"{where}: lora_config must be [modules x layers, 3] and lora_weights [the same rows, "
@@ -160,23 +174,13 @@ def peft_to_trtllm(path: str | Path, dtype: torch.dtype = torch.float16) -> tupl
     writes, without the leading batch dimension): `lora_weights` (rows, r x in + out x r) and
     `lora_config` (rows, 3) int32, one row per adapted (module, layer). For clients that upload
     an adapter with its first request."""
-    from safetensors.torch import load_file
-
     path = Path(path)
-    cfg = json.loads((path / "adapter_config.json").read_text())
-    r, alpha = int(cfg["r"]), float(cfg.get("lora_alpha", cfg["r"]))
-    scaling = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
+    _, scaling = _peft_config(path)
     module_ids = {part: i for i, part in TRTLLM_MODULE_IDS.items()}
-    halves: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
-    for name, tensor in load_file(str(path / "adapter_model.safetensors")).items():
-        m = _KEY.search(name)
-        if m is None or m.group(2) not in module_ids:
-            raise ValueError(f"LoRA adapter {str(path)!r}: {name!r} has no TensorRT-LLM module id")
-        halves.setdefault((int(m.group(1)), m.group(2)), {})[m.group(3)] = tensor.float()
     rows, config = [], []
-    for (layer, part), ab in sorted(halves.items()):
-        rows.append(torch.cat([ab["A"].flatten(), (ab["B"] * scaling).flatten()]))
-        config.append([module_ids[part], layer, ab["A"].shape[0]])
+    for layer, part, a, b in _peft_parts(path, scaling, list(module_ids)):
+        rows.append(torch.cat([a.flatten(), b.flatten()]))
+        config.append([module_ids[part], layer, a.shape[0]])
     width = max(t.numel() for t in rows)
     weights = torch.stack([torch.nn.functional.pad(t, (0, width - t.numel())) for t in rows]).to(dtype)
     return weights, torch.tensor(config, dtype=torch.int32)
