@@ -37,7 +37,7 @@ from .beam_group import BeamGroup
 from .config import SamplingConfig, kv_cache_torch_dtype
 from .engine_io import EngineBusyError, EngineConfig, EngineStats, RequestOutput, RequestStream
 from .kv_cache import BlocksManager
-from .lora import LoraBatch
+from .lora import LoraBatch, LoraManager
 from .model_step import HostCopy, StepRow, apply_block_copies, build_step_inputs, to_device
 from .sampling import SampleOutput, SamplingParams, SamplingTensors, random_seed, sample
 from .scheduler import QueueFullError, RequestRejectedError, Scheduler, SchedulerConfig, SchedulerOutput
@@ -309,8 +309,6 @@ class LLMEngine:
         """A lora.LoraManager with every adapter directory under `lora_dir`, by directory name."""
         if lora_dir is None:
             return None
-        from .lora import LoraManager
-
         root = Path(lora_dir)
         dirs = sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
         if not dirs:
@@ -323,8 +321,6 @@ class LLMEngine:
     def add_lora_adapter(self, adapter: Any) -> None:
         """Serve a lora.LoraAdapter (e.g. one a request uploaded, lora.lora_from_trtllm) under its
         uid from now on; requests already running keep the adapter they started with."""
-        from .lora import LoraManager
-
         with self._lock:
             if self.lora_manager is None:
                 self.lora_manager = LoraManager(self.config.max_lora_uploads)
@@ -491,9 +487,10 @@ class LLMEngine:
             return _InFlight(sched, [], None, None)
         res = self._sample(logits, sampled)
         gen = None
-        if any(seq.data.want_generation_logits for seq in sampled):  # a device->host copy: only when asked
-            gen = [logits[i].float().cpu() if seq.data.want_generation_logits else None
-                   for i, seq in enumerate(sampled)]
+        wanted = [i for i, seq in enumerate(sampled) if seq.data.want_generation_logits]
+        if wanted:  # one device->host copy of the rows asked for, only when asked
+            rows = iter(logits[torch.tensor(wanted, device=logits.device)].float().cpu())
+            gen = [next(rows) if seq.data.want_generation_logits else None for seq in sampled]
         return _InFlight(sched, sampled, res.token_ids, HostCopy(res.token_ids, res.logprobs), gen)
 
     @staticmethod

@@ -19,6 +19,7 @@ from .beam_search import BeamSearch
 from .config import ModelConfig, SamplingConfig
 from .kv_cache import GenerationSequence, KVCacheManager
 from .logits_processor import LogitsProcessor
+from .lora import LoraBatch
 from .mapping import Mapping
 from .model_step import HostCopy, StepRow, apply_block_copies, build_step_inputs
 from .sampling import SamplingParams, SamplingTensors, random_seed, sample
@@ -480,8 +481,6 @@ class GenerationSession:
         """The step's lora.LoraBatch: step row i belongs to prompt `prompt_of_row[i]`; None without adapters."""
         if plan is None or plan.lora_rows is None:
             return None
-        from .lora import LoraBatch
-
         return LoraBatch.build([plan.lora_rows[b] for b in prompt_of_row], tokens_of_row, self.device)
 
     def _forward(self, step_rows: list[StepRow], kv_cache: torch.Tensor,
