@@ -300,6 +300,41 @@ def respond_each(pb_utils: Any, requests: list[Any], process: Any, model: str) -
     return responses
 
 
+def prompt_tables(inputs: RequestInputs, batch: int) -> list[Any]:
+    """Each row's prompt tuning table (rows, hidden) or None: `prompt_embedding_table`
+    [batch, rows, hidden] (one row broadcasts), its first `prompt_vocab_size` rows (default: all).
+    Prompt ids vocab_size + i read row i; the engine checks the hidden size and the ids."""
+    import numpy as np
+
+    arr = inputs.array("prompt_embedding_table")
+    if arr is None:
+        if inputs.array("prompt_vocab_size") is not None:
+            raise InputError("prompt_vocab_size needs a prompt_embedding_table")
+        return [None] * batch
+    if arr.dtype.kind != "f":
+        raise InputError(f"prompt_embedding_table must be FP16 or FP32, got {arr.dtype}")
+    if arr.ndim == 2:
+        arr = arr[None]
+    if arr.ndim != 3 or arr.shape[0] not in (1, batch) or 0 in arr.shape:
+        raise InputError(f"prompt_embedding_table must have shape [batch, rows, hidden], got {list(arr.shape)}")
+    rows = inputs.scalar("prompt_vocab_size", "int", arr.shape[1], batch, lo=1, hi=arr.shape[1])
+    return [np.ascontiguousarray(arr[b if arr.shape[0] > 1 else 0, :rows[b]], dtype=np.float32)
+            for b in range(batch)]
+
+
+def stack_logits(blocks: list[Any]) -> Any:
+    """Per-sequence (tokens, vocab) float32 blocks -> `[1, sequences, tokens, vocab]`, zero-padded
+    to the longest (tensorrtllm_backend's `generation_logits`)."""
+    import numpy as np
+
+    steps = max(len(b) for b in blocks)
+    vocab = max((b.shape[1] for b in blocks if len(b)), default=0)
+    arr = np.zeros((1, len(blocks), steps, vocab), dtype=np.float32)
+    for k, b in enumerate(blocks):
+        arr[0, k, :len(b)] = b
+    return arr
+
+
 def error_response(pb_utils: Any, message: str, code: Any = "INVALID_ARG") -> Any:
     """An error response; `code` is a `TritonError` code name ("INVALID_ARG", "UNAVAILABLE",
     "INTERNAL", ...) or a code value taken from another error. Uses Triton's error codes when

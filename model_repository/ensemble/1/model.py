@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
-from _llm_common import InputError, ModelParameters, RequestInputs, error_response
+from _llm_common import InputError, ModelParameters, RequestInputs, error_response, prompt_tables, stack_logits
 
 from runtime_lib.config import ModelConfig
 from runtime_lib.tokenizer import IncrementalDetokenizer, load_tokenizer, to_word_list_format
@@ -257,17 +257,11 @@ class TritonPythonModel:
         """Prompt tuning through text: the table's rows (its first `prompt_vocab_size`) become a
         prefix of virtual tokens before the prompt, ids vocab_size + 0, 1, ... (the soft prompt of
         p-tuning); generation checks the table. ([], []) without a table."""
-        arr = inputs.array("prompt_embedding_table")
-        if arr is None:
-            if inputs.array("prompt_vocab_size") is not None:
-                raise InputError("prompt_vocab_size needs a prompt_embedding_table")
+        table = prompt_tables(inputs, 1)[0]   # (rows, hidden) float32: its first prompt_vocab_size
+        if table is None:
             return [], []
-        if arr.ndim == 2:
-            arr = arr[None]
-        if arr.ndim != 3 or arr.shape[0] != 1 or 0 in arr.shape:
-            raise InputError(f"prompt_embedding_table must have shape [1, rows, hidden], got {list(arr.shape)}")
-        rows = inputs.scalar("prompt_vocab_size", "int", arr.shape[1], lo=1, hi=arr.shape[1])[0]
-        tensors = [pb_utils.Tensor("prompt_embedding_table", np.ascontiguousarray(arr)),
+        rows = table.shape[0]
+        tensors = [pb_utils.Tensor("prompt_embedding_table", table[None].astype(np.float16)),  # the input's FP16
                    pb_utils.Tensor("prompt_vocab_size", np.array([[rows]], dtype=np.int32))]
         return [self.vocab_size + i for i in range(rows)], tensors
 
@@ -430,11 +424,7 @@ def _take_generation_logits(seqs: list[_SequenceText]) -> Any:
     blocks = [np.concatenate(s.gen_logits) if s.gen_logits else np.zeros((0, 0), np.float32) for s in seqs]
     for s in seqs:
         s.gen_logits = []
-    steps, vocab = max(len(b) for b in blocks), max((b.shape[1] for b in blocks if len(b)), default=0)
-    arr = np.zeros((1, len(blocks), steps, vocab), dtype=np.float32)
-    for k, b in enumerate(blocks):
-        arr[0, k, :len(b)] = b
-    return arr
+    return stack_logits(blocks)
 
 
 def _rename_fields(message: str) -> str:

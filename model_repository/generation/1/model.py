@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
-from _llm_common import InputError, ModelParameters, RequestInputs, error_response
+from _llm_common import InputError, ModelParameters, RequestInputs, error_response, prompt_tables, stack_logits
 from _llm_metrics import EngineMetrics
 
 from runtime_lib.config import SamplingConfig
@@ -260,7 +260,7 @@ class TritonPythonModel:
             except ValueError as e:
                 raise InputError(str(e)) from None
         return {"prompts": prompts, "samplings": samplings, "end_id": end_ids[0],
-                "prompt_tables": _prompt_tables(inputs, batch), "lora_uids": self._lora_uids(inputs, batch),
+                "prompt_tables": prompt_tables(inputs, batch), "lora_uids": self._lora_uids(inputs, batch),
                 "embedding_bias": _embedding_biases(inputs, batch),
                 "context_logits": row_values("return_context_logits", "bool", False),
                 "generation_logits": row_values("return_generation_logits", "bool", False),
@@ -530,12 +530,7 @@ def _logits_tensors(row: _Row, items: list[tuple[int, _Sequence, list[int], list
             blocks.append(rows[len(rows) - num_new:] if num_new is not None else rows)
             if num_new is not None:
                 s.gen_logits = []  # streamed: sent with this response
-        steps = max(len(b) for b in blocks)
-        vocab = max((b.shape[1] for b in blocks if len(b)), default=0)
-        arr = np.zeros((1, len(blocks), steps, vocab), dtype=np.float32)
-        for k, b in enumerate(blocks):
-            arr[0, k, :len(b)] = b
-        tensors.append(pb_utils.Tensor("generation_logits", arr))
+        tensors.append(pb_utils.Tensor("generation_logits", stack_logits(blocks)))
     return tensors
 
 
@@ -551,26 +546,6 @@ def _embedding_biases(inputs: RequestInputs, batch: int) -> list[Any]:
     if arr.ndim != 2 or arr.shape[0] not in (1, batch):
         raise InputError(f"embedding_bias must have shape [batch, vocab], got {list(arr.shape)}")
     return [arr[b if arr.shape[0] > 1 else 0] for b in range(batch)]
-
-
-def _prompt_tables(inputs: RequestInputs, batch: int) -> list[Any]:
-    """Each row's prompt tuning table (rows, hidden) or None: `prompt_embedding_table`
-    [batch, rows, hidden] (one row broadcasts), its first `prompt_vocab_size` rows (default: all).
-    Prompt ids vocab_size + i read row i; the engine checks the hidden size and the ids."""
-    arr = inputs.array("prompt_embedding_table")
-    if arr is None:
-        if inputs.array("prompt_vocab_size") is not None:
-            raise InputError("prompt_vocab_size needs a prompt_embedding_table")
-        return [None] * batch
-    if arr.dtype.kind != "f":
-        raise InputError(f"prompt_embedding_table must be FP16 or FP32, got {arr.dtype}")
-    if arr.ndim == 2:
-        arr = arr[None]
-    if arr.ndim != 3 or arr.shape[0] not in (1, batch) or 0 in arr.shape:
-        raise InputError(f"prompt_embedding_table must have shape [batch, rows, hidden], got {list(arr.shape)}")
-    rows = inputs.scalar("prompt_vocab_size", "int", arr.shape[1], batch, lo=1, hi=arr.shape[1])
-    return [np.ascontiguousarray(arr[b if arr.shape[0] > 1 else 0, :rows[b]], dtype=np.float32)
-            for b in range(batch)]
 
 
 def _word_list(name: str, arr: Any, row: int, batch: int) -> list[list[int]] | None:
