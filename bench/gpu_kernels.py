@@ -7,6 +7,7 @@ One command, from the repository root, on a CUDA machine:
     python3 bench/gpu_kernels.py --quick              # fewer shapes (smoke run)
     python3 bench/gpu_kernels.py --sections offline   # big-batch decode knobs + cuBLAS GEMMs by row count
     python3 bench/gpu_kernels.py --sections gemm      # 8B projections: bf16 cuBLAS vs FP8 _scaled_mm by rows
+    python3 bench/gpu_kernels.py --sections blas      # 8B projections: cuBLAS vs cuBLASLt vs max-autotune, bf16
 
 Shapes are Llama-3.1-8B attention (32 query heads, 8 KV heads, head 128, bf16). Decode compares
 the Triton split-K kernel, the torch reference (gather the paged cache + SDPA) and SDPA over a
@@ -94,6 +95,7 @@ class Report:
     gemm: list[dict] = field(default_factory=list)
     fp8: list[dict] = field(default_factory=list)
     fp8_gemm: list[dict] = field(default_factory=list)
+    blas: list[dict] = field(default_factory=list)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -542,6 +544,43 @@ def run_fp8_gemm(report: Report) -> None:
     torch.cuda.empty_cache()
 
 
+def run_blas(report: Report, autotune_rows: tuple[int, ...] = (512,)) -> None:
+    """bf16 GEMMs of the 8B projections by row count under each BLAS library torch can pick
+    (cuBLAS, cuBLASLt) and, at `autotune_rows`, Inductor's max-autotune (its Triton templates
+    against ATen): is there a faster bf16 GEMM than the default for the offline steps?"""
+    import torch._inductor.config as inductor_config
+
+    shapes_nk = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
+    default_lib = torch.backends.cuda.preferred_blas_library()
+    mats = {name: torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for name, (n, k) in shapes_nk.items()}
+    print("\nbf16 GEMMs by BLAS library (8B projections, one layer), graph replay")
+    for m in (494, 512, 1024, 8192):
+        row: dict = {"rows": m}
+        xs = {name: torch.randn(m, k, device="cuda", dtype=torch.bfloat16) for name, (n, k) in shapes_nk.items()}
+        for lib in ("cublas", "cublaslt"):
+            torch.backends.cuda.preferred_blas_library(lib)
+            row[lib] = {name: graph_us(lambda x=xs[name], w=mats[name]: torch.mm(x, w.t())) for name in shapes_nk}
+        torch.backends.cuda.preferred_blas_library(default_lib)
+        if m in autotune_rows:
+            with inductor_config.patch(max_autotune_gemm_backends="ATEN,TRITON", max_autotune=True):
+                row["max_autotune"] = {}
+                for name in shapes_nk:
+                    torch.compiler.reset()
+                    fn = torch.compile(lambda x, w: torch.mm(x, w.t()), dynamic=False)
+                    row["max_autotune"][name] = graph_us(functools.partial(fn, xs[name], mats[name]))
+        flops = 2 * m * sum(n * k for n, k in shapes_nk.values())
+        for key in ("cublas", "cublaslt", "max_autotune"):
+            if key in row:
+                us = sum(row[key].values())
+                row[f"{key}_us"], row[f"{key}_tflops"] = us, flops / us / 1e6
+        report.blas.append(row)
+        print(f"  M={m:5d} " + "  ".join(f"{key} {row[f'{key}_us']:8.1f} us ({row[f'{key}_tflops']:4.0f} TF/s)"
+                                         for key in ("cublas", "cublaslt", "max_autotune") if f"{key}_us" in row)
+              + "  per matrix: " + json.dumps({k: {n: round(u, 1) for n, u in v.items()} for k, v in row.items()
+                                               if isinstance(v, dict)}))
+    torch.cuda.empty_cache()
+
+
 # ----------------------------------------------------------------------------- output
 
 def markdown(report: Report) -> str:
@@ -589,6 +628,13 @@ def markdown(report: Report) -> str:
         lines += [f"| {r['rows']} | {r['bf16_us']:.1f} ({r['bf16_tflops']:.0f} TFLOP/s) | {r['fp8_mm_us']:.1f} | "
                   f"{r['fp8_linear_us']:.1f} ({r['fp8_linear_tflops']:.0f} TFLOP/s) | "
                   f"{r['bf16_us'] / r['fp8_linear_us']:.2f}x |" for r in report.fp8_gemm]
+    if report.blas:
+        keys = [k for k in ("cublas", "cublaslt", "max_autotune") if any(f"{k}_us" in r for r in report.blas)]
+        lines += ["", "## Llama-3.1-8B projections of one layer, bf16, by GEMM library — µs (TFLOP/s), graph replay", "",
+                  "| rows | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+        lines += ["| " + " | ".join([str(r["rows"])] + [
+            f"{r[f'{k}_us']:.1f} ({r[f'{k}_tflops']:.0f})" if f"{k}_us" in r else "-" for k in keys]) + " |"
+            for r in report.blas]
     if report.sweep:
         lines += ["", "## Launch sweeps: top configs by geometric-mean slowdown vs each shape's best", ""]
         for s in report.sweep:
@@ -603,7 +649,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer shapes")
     parser.add_argument("--sections", default="checks,decode,prefill",
-                        help="comma list of checks,decode,prefill,sweep,graphbound,offline,fp8,gemm (sweep: launch-parameter "
+                        help="comma list of checks,decode,prefill,sweep,graphbound,offline,fp8,gemm,blas (sweep: launch-parameter "
                              "search; graphbound: decode in a graph captured for 128k tokens; offline: decode "
                              "knobs and cuBLAS GEMMs at the offline benchmarks' batches)")
     args = parser.parse_args()
@@ -640,6 +686,8 @@ def main() -> int:
         run_fp8_shapes(report)
     if "gemm" in sections:
         run_fp8_gemm(report)
+    if "blas" in sections:
+        run_blas(report)
 
     tag = "" if sections == {"checks", "decode", "prefill"} else "-" + "-".join(sorted(sections))
     stem = results_stem("gpu_kernels", report.device, report.date, tag)
