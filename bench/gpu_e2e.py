@@ -480,12 +480,14 @@ def small_model_cpu_vs_gpu(res: dict) -> None:
 
 
 def make_engine(session: Session, max_num_seqs: int, tokens_per_seq: int, compile_: bool,
-                fused: bool = False, kv_cache_dtype: str = "auto") -> LLMEngine:
-    """An engine whose KV pool holds `max_num_seqs` sequences of `tokens_per_seq` (no preemption)."""
+                fused: bool = False, kv_cache_dtype: str = "auto", **config) -> LLMEngine:
+    """An engine whose KV pool holds `max_num_seqs` sequences of `tokens_per_seq` (no preemption);
+    `config`: more EngineConfig fields."""
     blocks = max_num_seqs * (math.ceil(tokens_per_seq / 16) + 1)
     return LLMEngine(EngineConfig(model_dir="<in-memory>", max_num_seqs=max_num_seqs, max_num_batched_tokens=8192,
                                   block_size=16, num_kv_blocks=blocks, max_seq_len=MAX_SEQ_LEN, max_queue_size=8192,
-                                  compile_decode=compile_, fused_decode=fused, kv_cache_dtype=kv_cache_dtype),
+                                  compile_decode=compile_, fused_decode=fused, kv_cache_dtype=kv_cache_dtype,
+                                  **config),
                      session=session)
 
 

@@ -29,13 +29,14 @@ import torch
 from torch import nn
 
 from .layers.attention import AttentionMetadata, paged_attention, write_kv
+from .lora import LoraSlotStep
 
 GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 DISABLE_ENV = "RUNTIME_LIB_CUDA_GRAPHS"  # "0" turns graphs off everywhere (debugging)
 
-# forward(input_ids (T,), positions (T,), kv_cache, meta, logits_indices (N,)) -> logits (N, V) fp32
-DecodeForward = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor],
-                         torch.Tensor]
+# forward(input_ids (T,), positions (T,), kv_cache, meta, logits_indices (N,)[, lora_slots=(T,)])
+# -> logits (N, V) fp32; `lora_slots`, each token's lora.LoraSlots slot, only in steps with adapters.
+DecodeForward = Callable[..., torch.Tensor]
 
 
 def graph_batch_sizes(max_batch_size: int) -> tuple[int, ...]:
@@ -169,10 +170,12 @@ class DecodeGraphRunner:
         self.block_tables = torch.zeros(G, self.max_blocks_per_seq, dtype=torch.int32, device=dev)
         self.query_lens = torch.ones(G, dtype=torch.int32, device=dev)
         self.cu_query_lens = torch.arange(G + 1, dtype=torch.int32, device=dev)
+        self.lora_slots = torch.full((G,), -1, dtype=torch.int64, device=dev)  # read by steps with adapters only
         self._reset_rows(0, G)
         self._dirty_rows = 0      # rows [0, _dirty_rows) may hold a real step's values
         self._dirty_logits = 0
-        self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}  # (bucket, bound)
+        # (bucket, context bound, with adapters) -> (graph, its logits)
+        self._graphs: dict[tuple[int, int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._pool = torch.cuda.graph_pool_handle() if self.use_cuda_graph else None
         self.num_replays = 0
 
@@ -183,7 +186,7 @@ class DecodeGraphRunner:
 
     @property
     def captured_batch_sizes(self) -> tuple[int, ...]:
-        return tuple(sorted({bucket for bucket, _ in self._graphs}))
+        return tuple(sorted({bucket for bucket, _, _ in self._graphs}))
 
     @property
     def graph_pool(self) -> object:
@@ -197,18 +200,21 @@ class DecodeGraphRunner:
     # ------------------------------------------------------------------ running
     def run(self, input_ids: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor,
             context_lens: torch.Tensor, block_tables: torch.Tensor,
-            logits_indices: torch.Tensor, max_context_len: int | None = None) -> torch.Tensor:
+            logits_indices: torch.Tensor, max_context_len: int | None = None,
+            lora_slots: torch.Tensor | None = None) -> torch.Tensor:
         """One decode step of B rows (one token each); `max_context_len`: a host bound on
-        `context_lens` (None: `max_seq_len`). Returns logits (N, V) float32: a view of the
-        graph's static output, valid until the next `run` of this runner."""
+        `context_lens` (None: `max_seq_len`); `lora_slots` (B,): each row's LoRA slot (-1:
+        none), for a step with adapters (its own graphs). Returns logits (N, V) float32: a view
+        of the graph's static output, valid until the next `run` of this runner."""
         B, N, W = input_ids.shape[0], logits_indices.shape[0], block_tables.shape[1]
         bucket = choose_bucket(B, self.buckets)
         if bucket is None or W > self.max_blocks_per_seq or N > B:
             raise ValueError(f"decode step of {B} rows, {N} logits, block table width {W} does not fit this "
                              f"runner (max {self.buckets[-1]} rows, width {self.max_blocks_per_seq})")
         bound = self._context_bound(bucket, self.max_seq_len if max_context_len is None else max_context_len)
-        if self.use_cuda_graph and (bucket, bound) not in self._graphs:
-            self._capture(bucket, bound)
+        key = (bucket, bound, lora_slots is not None)
+        if self.use_cuda_graph and key not in self._graphs:
+            self._capture(*key)
         # Rows a larger earlier step filled go back to padding; steady state does nothing here.
         if self._dirty_rows > B:
             self._reset_rows(B, self._dirty_rows)
@@ -225,24 +231,28 @@ class DecodeGraphRunner:
             self.logits_indices[:N].copy_(logits_indices, non_blocking=True)
         self.context_lens[:B].copy_(context_lens, non_blocking=True)
         self.block_tables[:B, :W].copy_(block_tables, non_blocking=True)  # columns >= W are never read
+        if lora_slots is not None:
+            self.lora_slots[:B].copy_(lora_slots, non_blocking=True)
         if self.use_cuda_graph:
-            graph, logits = self._graphs[bucket, bound]
+            graph, logits = self._graphs[key]
             graph.replay()
         else:
-            logits = self._forward(bucket, bound)
+            logits = self._forward(*key)
         self.num_replays += 1
         return logits[:N]
 
-    def capture(self, batch_sizes: Sequence[int] | None = None) -> None:
+    def capture(self, batch_sizes: Sequence[int] | None = None, lora: bool = False) -> None:
         """Capture graphs now (largest first, so later captures reuse the shared pool) instead
-        of on first use; `batch_sizes` defaults to every bucket."""
+        of on first use; `batch_sizes` defaults to every bucket; `lora`: the graphs of steps
+        with adapters."""
         if self.use_cuda_graph:
             def capture_all_bounds(bucket: int) -> None:
                 for bound in {self._context_bound(bucket, 1), self.max_seq_len}:
-                    if (bucket, bound) not in self._graphs:
-                        self._capture(bucket, bound)
+                    if (bucket, bound, lora) not in self._graphs:
+                        self._capture(bucket, bound, lora)
 
-            full = {bucket for bucket, bound in self._graphs if bound == self.max_seq_len}
+            full = {bucket for bucket, bound, with_lora in self._graphs
+                    if bound == self.max_seq_len and with_lora == lora}
             capture_buckets(self.buckets, full, capture_all_bounds, batch_sizes)
 
     def _context_bound(self, bucket: int, max_context_len: int) -> int:
@@ -259,17 +269,19 @@ class DecodeGraphRunner:
             max_query_len=1, max_context_len=bound,
             cu_query_lens=self.cu_query_lens[:bucket + 1], is_decode=True)
 
-    def _forward(self, bucket: int, bound: int) -> torch.Tensor:
+    def _forward(self, bucket: int, bound: int, lora: bool) -> torch.Tensor:
         return self.forward(self.input_ids[:bucket], self.positions[:bucket], self.kv_cache,
-                            self._meta(bucket, bound), self.logits_indices[:bucket])
+                            self._meta(bucket, bound), self.logits_indices[:bucket],
+                            **({"lora_slots": self.lora_slots[:bucket]} if lora else {}))
 
-    def _capture(self, bucket: int, bound: int) -> None:
+    def _capture(self, bucket: int, bound: int, lora: bool) -> None:
         # Every row is padding while warming up and capturing: the eager warm-up runs (Triton
         # JIT, cuBLAS workspaces, torch.compile) write only to the scratch block.
         self._reset_rows(0, self._dirty_rows)
         self.logits_indices[:self._dirty_logits].zero_()
         self._dirty_rows = self._dirty_logits = 0
-        self._graphs[bucket, bound] = capture_graph(lambda: self._forward(bucket, bound), self.device, self._pool)
+        self._graphs[bucket, bound, lora] = capture_graph(lambda: self._forward(bucket, bound, lora), self.device,
+                                                          self._pool)
 
     def _reset_rows(self, start: int, stop: int) -> None:
         """Rows [start, stop) become padding: token 0 at position 0 in the scratch block."""
@@ -280,6 +292,7 @@ class DecodeGraphRunner:
         self.slot_mapping[start:stop].fill_(self.scratch_block * self.block_size)
         self.context_lens[start:stop].fill_(1)
         self.block_tables[start:stop, 0].fill_(self.scratch_block)
+        self.lora_slots[start:stop].fill_(-1)
 
 
 # ----------------------------------------------------------------------------- compiled decode
@@ -314,37 +327,45 @@ def supports_compiled_decode(model: nn.Module) -> bool:
 
 
 def llama_traced_forward(model: nn.Module, input_ids: torch.Tensor, positions: torch.Tensor,
-                         logits_indices: torch.Tensor, attend) -> torch.Tensor:
+                         logits_indices: torch.Tensor, attend, lora_slots: torch.Tensor | None = None) -> torch.Tensor:
     """`LlamaForCausalLM.forward` + `compute_logits` for flattened tokens, written for Dynamo:
     plain tensors in, the attention (which also writes K/V) behind an opaque custom op called as
-    `attend(layer_index, q, k, v, layer.self_attn)` -> (T, h, d). Must stay in step with
-    models/llama.py (tests/runtime/test_cuda_graph.py and test_prefill_graph.py check parity)."""
+    `attend(layer_index, q, k, v, layer.self_attn)` -> (T, h, d). `lora_slots` (T,): each
+    token's slot of `model.lora_slots` (lora.LoraSlots; -1: none), or None for a step without
+    adapters. Must stay in step with models/llama.py (tests/runtime/test_cuda_graph.py,
+    test_prefill_graph.py and test_lora.py check parity)."""
     T = input_ids.shape[0]
+    lora = None if lora_slots is None else LoraSlotStep(model.lora_slots, lora_slots)
     x = model.embed_tokens(input_ids)                                           # (T, H)
     for i, layer in enumerate(model.layers):
         attn = layer.self_attn
-        qkv = attn.qkv_proj(layer.input_layernorm(x))                           # (T, q + 2kv)
+        h = layer.input_layernorm(x)
+        qkv = attn.qkv_proj(h)                                                  # (T, q + 2kv)
+        if lora is not None:
+            qkv = lora.apply(f"{attn.lora_prefix}.qkv_proj", h, qkv)
         q, k, v = qkv.split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
         q = q.view(T, attn.num_heads, attn.head_size)                           # (T, h, d)
         k = k.view(T, attn.num_kv_heads, attn.head_size)                        # (T, kvh, d)
         v = v.view(T, attn.num_kv_heads, attn.head_size)
         q, k = attn.rotary(positions, q, k)
-        out = attend(i, q, k, v, attn)                                          # (T, h, d)
-        x = x + attn.o_proj(out.reshape(T, attn.q_size))                       # (T, H)
-        x = x + layer.mlp(layer.post_attention_layernorm(x))                    # (T, H)
+        out = attend(i, q, k, v, attn).reshape(T, attn.q_size)                 # (T, q)
+        y = attn.o_proj(out)                                                    # (T, H)
+        x = x + (y if lora is None else lora.apply(f"{attn.lora_prefix}.o_proj", out, y))
+        x = x + layer.mlp(layer.post_attention_layernorm(x), lora)              # (T, H)
     return model.compute_logits(model.norm(x)[logits_indices])                 # (N, V) fp32
 
 
 def llama_decode_forward(model: nn.Module, input_ids: torch.Tensor, positions: torch.Tensor,
                          kv_cache: torch.Tensor, slot_mapping: torch.Tensor, block_tables: torch.Tensor,
                          context_lens: torch.Tensor, query_lens: torch.Tensor, cu_query_lens: torch.Tensor,
-                         logits_indices: torch.Tensor, max_context_len: int) -> torch.Tensor:
+                         logits_indices: torch.Tensor, max_context_len: int,
+                         lora_slots: torch.Tensor | None = None) -> torch.Tensor:
     """`llama_traced_forward` for one token per row, the attention behind `decode_attention`."""
     def attend(i, q, k, v, attn):
         return decode_attention(q, k, v, kv_cache, i, slot_mapping, block_tables, context_lens, query_lens,
                                 cu_query_lens, attn.scale, attn.sliding_window, max_context_len)
 
-    return llama_traced_forward(model, input_ids, positions, logits_indices, attend)
+    return llama_traced_forward(model, input_ids, positions, logits_indices, attend, lora_slots)
 
 
 def compile_per_model(model: nn.Module, attr: str, name: str, fn, backend: str):
@@ -374,14 +395,15 @@ def make_compiled_decode_forward(model: nn.Module, *, backend: str = "inductor")
         raise ValueError(f"compiled decode supports Llama-family models without dynamic rope, "
                          f"got {type(model).__name__}")
     def step(input_ids, positions, kv_cache, slot_mapping, block_tables, context_lens, query_lens, cu_query_lens,
-             logits_indices, max_context_len: int):
+             logits_indices, max_context_len: int, lora_slots):
         return llama_decode_forward(model, input_ids, positions, kv_cache, slot_mapping, block_tables,
-                                    context_lens, query_lens, cu_query_lens, logits_indices, max_context_len)
+                                    context_lens, query_lens, cu_query_lens, logits_indices, max_context_len,
+                                    lora_slots)
 
     compiled_step = compile_per_model(model, "_runtime_lib_compiled_decode", "decode_step", step, backend)
 
     @torch.no_grad()
-    def forward(input_ids, positions, kv_cache, meta: AttentionMetadata, logits_indices):
+    def forward(input_ids, positions, kv_cache, meta: AttentionMetadata, logits_indices, lora_slots=None):
         torch._dynamo.mark_dynamic(kv_cache, 2)  # num_blocks: any pool
         B = input_ids.shape[0]
         cu = meta.cu_query_lens
@@ -389,10 +411,11 @@ def make_compiled_decode_forward(model: nn.Module, *, backend: str = "inductor")
             cu = torch.arange(B + 1, dtype=torch.int32, device=input_ids.device)
         if B > 1:
             for t in (input_ids, positions, meta.slot_mapping, meta.block_tables, meta.context_lens,
-                      meta.query_lens, cu, logits_indices):
+                      meta.query_lens, cu, logits_indices) + (() if lora_slots is None else (lora_slots,)):
                 torch._dynamo.mark_dynamic(t, 0)
         return compiled_step(input_ids, positions, kv_cache, meta.slot_mapping, meta.block_tables,
-                             meta.context_lens, meta.query_lens, cu, logits_indices, meta.max_context_len)
+                             meta.context_lens, meta.query_lens, cu, logits_indices, meta.max_context_len,
+                             lora_slots)
 
     return forward
 

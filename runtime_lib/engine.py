@@ -112,6 +112,8 @@ class LLMEngine:
         self.max_input_len = min(mc.max_input_len, self.max_seq_len - 1)
         self.tokenizer = _try_load_tokenizer(config.model_dir)
         self.lora_manager = self._load_lora_adapters(config.lora_dir)  # before the pool takes the memory
+        if self.lora_manager is not None:
+            self._enable_lora_slots()
         num_blocks = config.num_kv_blocks or self._default_num_blocks()
         # One block more than the manager hands out: CUDA-graph padding rows write there.
         self.kv_cache = self.session.allocate_kv_cache(num_blocks + 1, config.block_size, config.kv_cache_dtype)
@@ -122,10 +124,11 @@ class LLMEngine:
             max_step_tokens=config.max_num_batched_tokens) if config.cuda_graphs else None
         if self._graph_runner is not None and config.capture_graphs_at_start:
             # Pay graph captures (and compilation) now, not in the first requests' latency.
-            self._graph_runner.capture()
             prefill_runner = self.session.prefill_graph_runner(self.kv_cache)
-            if prefill_runner is not None:
-                prefill_runner.capture()
+            for lora in (False, True) if self.session.lora_slots is not None else (False,):
+                self._graph_runner.capture(lora=lora)
+                if prefill_runner is not None:
+                    prefill_runner.capture(lora=lora)
         # SamplingTensors of the last sampled batch, reused while its sequences are unchanged.
         self._sampling_cache: tuple[list[Sequence], SamplingTensors] | None = None
         self.scheduler = Scheduler(
@@ -324,7 +327,22 @@ class LLMEngine:
         with self._lock:
             if self.lora_manager is None:
                 self.lora_manager = LoraManager(self.config.max_lora_uploads)
+                self._enable_lora_slots()
             self.lora_manager.add(adapter)
+
+    def _enable_lora_slots(self) -> None:
+        """Device slots for adapters (lora.LoraSlots), so that steps with adapters replay CUDA
+        graphs too; on CUDA with graphs and max_loras > 0 only. Without them (or out of
+        memory for them: the first upload comes after the KV pool) such steps run eagerly."""
+        cfg = self.config
+        if cfg.max_loras == 0 or not cfg.cuda_graphs or self.device.type != "cuda" \
+                or self.session.lora_slots is not None:
+            return
+        try:
+            self.session.enable_lora_slots(cfg.max_loras, cfg.max_lora_rank)
+        except torch.OutOfMemoryError:
+            log.warning("no GPU memory for %d LoRA slots of rank %d: steps with adapters run eagerly",
+                        cfg.max_loras, cfg.max_lora_rank)
 
     def _lora_adapter(self, lora_uid: Any) -> Any:
         if lora_uid is None or str(lora_uid) == "-1":

@@ -32,6 +32,10 @@ class EngineConfig:
     lora_dir: str | None = None               # a directory of PEFT LoRA adapter directories, each served under
                                               # its directory name (add_request(lora_uid=...); Llama family)
     max_lora_uploads: int = 64                # adapters add_lora_adapter keeps (requests' uploads), LRU-evicted
+    max_loras: int = 4                        # adapters resident on the GPU for graph-replayed LoRA steps (a step
+                                              # with more runs eagerly; 0: all LoRA steps do); each slot costs
+    max_lora_rank: int = 16                   # ... this rank x every projection in memory and FLOPs, whether used
+                                              # or not; adapters of a higher rank run eagerly
     max_queue_size: int = 1024
     max_seq_len: int | None = None            # None: the model's limit
     scheduling_policy: str = "fcfs"           # "fcfs" | "priority"
@@ -48,8 +52,11 @@ class EngineConfig:
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "max_queue_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.max_lora_uploads < 0:
-            raise ValueError(f"max_lora_uploads must be >= 0, got {self.max_lora_uploads}")
+        for name in ("max_lora_uploads", "max_loras"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.max_lora_rank < 1:
+            raise ValueError(f"max_lora_rank must be >= 1, got {self.max_lora_rank}")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise ValueError(f"num_kv_blocks must be >= 1 or None, got {self.num_kv_blocks}")
         if not 0.0 < self.kv_cache_memory_fraction <= 1.0:

@@ -129,7 +129,9 @@ def make_fused_decode_forward(model: nn.Module, fallback):
         raise ValueError(f"fused decode does not support this model: {reason}")
 
     @torch.no_grad()
-    def forward(input_ids, positions, kv_cache, meta: AttentionMetadata, logits_indices):
+    def forward(input_ids, positions, kv_cache, meta: AttentionMetadata, logits_indices, lora_slots=None):
+        if lora_slots is not None:  # the fused kernels know no adapters
+            return fallback(input_ids, positions, kv_cache, meta, logits_indices, lora_slots=lora_slots)
         if input_ids.shape[0] <= MAX_FUSED_ROWS and meta.is_decode:
             return llama_fused_decode_forward(model, input_ids, positions, kv_cache, meta, logits_indices)
         return fallback(input_ids, positions, kv_cache, meta, logits_indices)

@@ -7,7 +7,8 @@ adapter is stored per fused module: the A of its parts stacked, and B block-diag
 scaling folded in; a part the adapter leaves out contributes nothing. A step whose tokens use
 several adapters adds, for each adapter, (x[rows] @ A.T) @ B.T to the rows that use it; the
 base weights are never modified, so rows without an adapter and other adapters' rows are
-untouched. Steps with adapters run eagerly (their row grouping changes every step).
+untouched. That is the eager path (`LoraBatch`); steps that replay CUDA graphs read the
+adapters from fixed-shape device slots instead (`LoraSlots`).
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
@@ -252,26 +254,50 @@ class LoraManager:
         return out
 
 
-@dataclass
-class LoraBatch:
-    """One step's adapters: for each adapter in use, the flattened token indices that use it."""
+class LoraUpdate(Protocol):
+    """What a model's projections call with a step's adapters (LoraBatch, LoraSlotStep)."""
 
-    groups: list[tuple[LoraAdapter, torch.Tensor]]
+    def apply(self, module: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """y (T, out) of `module` (e.g. "layers.0.self_attn.qkv_proj") over x (T, in), plus the updates."""
+        ...
+
+
+class LoraBatch:
+    """One step's adapters: step row i (rows in step order) serves `row_tokens[i]` tokens with
+    `row_adapters[i]` (or none). The eager forward adds each adapter's update to its rows
+    (`apply`); graph-replayed steps take the same batch as one slot id per token (`LoraSlots`)."""
+
+    def __init__(self, row_adapters: Sequence[LoraAdapter | None], row_tokens: Sequence[int],
+                 device: str | torch.device) -> None:
+        self.row_adapters, self.row_tokens, self.device = list(row_adapters), list(row_tokens), device
+        self._groups: list[tuple[LoraAdapter, torch.Tensor]] | None = None
 
     @classmethod
     def build(cls, row_adapters: Sequence[LoraAdapter | None], row_tokens: Sequence[int],
               device: str | torch.device) -> LoraBatch | None:
-        """`row_adapters[i]` serves the `row_tokens[i]` tokens of step row i (rows in step order);
-        None when no row has an adapter."""
-        index: dict[str, tuple[LoraAdapter, list[int]]] = {}
-        start = 0
-        for adapter, n in zip(row_adapters, row_tokens):
-            if adapter is not None:
-                index.setdefault(adapter.uid, (adapter, []))[1].extend(range(start, start + n))
-            start += n
-        if not index:
+        """The step's batch; None when no row has an adapter."""
+        if all(a is None for a in row_adapters):
             return None
-        return cls([(a, torch.tensor(rows, dtype=torch.long, device=device)) for a, rows in index.values()])
+        return cls(row_adapters, row_tokens, device)
+
+    @property
+    def adapters(self) -> list[LoraAdapter]:
+        """The distinct adapters of the step, in first-use order."""
+        return list({id(a): a for a in self.row_adapters if a is not None}.values())
+
+    @property
+    def groups(self) -> list[tuple[LoraAdapter, torch.Tensor]]:
+        """(adapter, the flattened token indices that use it) per adapter in use; built once."""
+        if self._groups is None:
+            index: dict[int, tuple[LoraAdapter, list[int]]] = {}
+            start = 0
+            for adapter, n in zip(self.row_adapters, self.row_tokens):
+                if adapter is not None:
+                    index.setdefault(id(adapter), (adapter, []))[1].extend(range(start, start + n))
+                start += n
+            self._groups = [(a, torch.tensor(rows, dtype=torch.long, device=self.device))
+                            for a, rows in index.values()]
+        return self._groups
 
     def apply(self, module: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """y (T, out) of `module` over x (T, in), plus each adapter's update on its rows."""
@@ -283,6 +309,107 @@ class LoraBatch:
         return y
 
 
-__all__ = ["LoraAdapter", "LoraBatch", "LoraManager", "load_hf_lora", "lora_from_trtllm", "peft_to_trtllm",
-           "LORA_FAMILIES",
-           "NO_ADAPTER", "TRTLLM_MODULE_IDS"]
+# Each fused module -> the parts its slot holds (q|k|v: 3 ranks wide, gate|up: 2).
+SLOT_PARTS = {"self_attn.qkv_proj": 3, "self_attn.o_proj": 1, "mlp.gate_up_proj": 2, "mlp.down_proj": 1}
+
+
+class LoraSlots:
+    """Adapters resident on the device for graph-replayed steps: `max_loras` slots, each up to
+    `max_rank` per projection part. Per fused module, A of every slot stacked (S x W, in) and B
+    side by side (out, S x W), W = parts x max_rank; a slot holds an adapter's fused A / B in
+    its first rows / columns and zeros after them.
+
+    A step gives each token a slot id (-1: none) in a static buffer; `LoraSlotStep.apply` adds
+    ((x @ A_all.T) * mask) @ B_all.T, the mask keeping each token's own slot's columns. Shapes
+    never depend on which adapters a step uses, so such steps replay CUDA graphs; the price is
+    that every LoRA step computes all S slots (S x W extra columns a projection: with 4 slots of
+    rank 16, ~8% of the 8B projections' FLOPs, 3% of their bytes). Adapters move in and out of
+    slots least recently used first; a step that needs more adapters than slots, or an adapter
+    of a higher rank, runs eagerly (`LoraBatch`)."""
+
+    def __init__(self, config: ModelConfig, max_loras: int, max_rank: int, device: str | torch.device,
+                 dtype: torch.dtype | None = None) -> None:
+        if max_loras < 1 or max_rank < 1:
+            raise ValueError(f"max_loras and max_lora_rank must be >= 1, got {max_loras} and {max_rank}")
+        _check_family(config)
+        self.max_loras, self.max_rank = max_loras, max_rank
+        self.dtype = dtype = dtype or config.torch_dtype
+        q, kv = config.num_heads * config.head_size, config.num_kv_heads * config.head_size
+        H, inter = config.hidden_size, config.intermediate_size
+        io = {"self_attn.qkv_proj": (H, q + 2 * kv), "self_attn.o_proj": (q, H), "mlp.gate_up_proj": (H, 2 * inter),
+              "mlp.down_proj": (inter, H)}
+        self.width: dict[str, int] = {}
+        self.weights: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        for layer in range(config.num_layers):
+            for module, parts in SLOT_PARTS.items():
+                name, (n_in, n_out), W = f"layers.{layer}.{module}", io[module], parts * max_rank
+                self.width[name] = W
+                self.weights[name] = (torch.zeros(max_loras * W, n_in, device=device, dtype=dtype),
+                                      torch.zeros(n_out, max_loras * W, device=device, dtype=dtype))
+        # Column c of a module of width W belongs to slot c // W.
+        self.column_slot = {W: torch.arange(max_loras * W, device=device) // W for W in set(self.width.values())}
+        self._held: dict[int, tuple[int, LoraAdapter]] = {}  # id(adapter) -> (slot, adapter), LRU first
+
+    def fits(self, adapter: LoraAdapter) -> bool:
+        return all(name in self.width and a.shape[0] <= self.width[name] for name, (a, _) in adapter.weights.items())
+
+    def token_slots(self, batch: LoraBatch) -> torch.Tensor | None:
+        """Each token's slot (T,) int64 on the device (-1: none), loading the step's adapters
+        into slots (on the current stream, so ordered after steps still in flight); None when
+        they do not fit (more adapters than slots, or a rank above max_rank)."""
+        adapters = batch.adapters
+        if len(adapters) > self.max_loras or not all(self.fits(a) for a in adapters):
+            return None
+        needed = {id(a) for a in adapters}
+        free = sorted(set(range(self.max_loras)) - {slot for slot, _ in self._held.values()})
+        for adapter in adapters:
+            key = id(adapter)
+            if key in self._held:
+                self._held[key] = self._held.pop(key)  # most recently used
+                continue
+            if free:
+                slot = free.pop(0)
+            else:
+                victim = next(k for k in self._held if k not in needed)
+                slot = self._held.pop(victim)[0]
+            self._load(slot, adapter)
+            self._held[key] = (slot, adapter)  # holding the adapter keeps its id from being reused
+        slots = []
+        for adapter, n in zip(batch.row_adapters, batch.row_tokens):
+            slots += [-1 if adapter is None else self._held[id(adapter)][0]] * n
+        host = torch.tensor(slots, dtype=torch.int64)
+        device = self.column_slot[next(iter(self.column_slot))].device
+        if device.type == "cuda":
+            host = host.pin_memory()
+        return host.to(device, non_blocking=True)
+
+    def _load(self, slot: int, adapter: LoraAdapter) -> None:
+        for name, (a_all, b_all) in self.weights.items():
+            W = self.width[name]
+            cols = slice(slot * W, (slot + 1) * W)
+            a_all[cols].zero_()
+            b_all[:, cols].zero_()
+            ab = adapter.weights.get(name)
+            if ab is not None:
+                R = ab[0].shape[0]
+                a_all[slot * W:slot * W + R].copy_(ab[0])
+                b_all[:, slot * W:slot * W + R].copy_(ab[1])
+
+
+class LoraSlotStep:
+    """A step's view of `LoraSlots`: `token_slots` (T,) the static buffer the graph reads. Same
+    `apply` as LoraBatch, built inside the (captured or compiled) forward."""
+
+    def __init__(self, slots: LoraSlots, token_slots: torch.Tensor) -> None:
+        self.slots = slots
+        self._masks = {W: (col[None, :] == token_slots[:, None]).to(slots.dtype)        # (T, S x W)
+                       for W, col in slots.column_slot.items()}
+
+    def apply(self, module: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        a, b = self.slots.weights[module]
+        mask = self._masks[self.slots.width[module]]
+        return y + ((x @ a.t()) * mask) @ b.t()
+
+
+__all__ = ["LoraAdapter", "LoraBatch", "LoraManager", "LoraSlotStep", "LoraSlots", "LoraUpdate", "load_hf_lora",
+           "lora_from_trtllm", "peft_to_trtllm", "LORA_FAMILIES", "NO_ADAPTER", "SLOT_PARTS", "TRTLLM_MODULE_IDS"]

@@ -119,11 +119,12 @@ class PrefillGraphRunner:
         self.cu_query_lens = torch.zeros(S + 1, dtype=torch.int32, device=dev)
         self.block_tables = torch.full((S, self.max_blocks_per_seq), scratch_block, dtype=torch.int32, device=dev)
         self.logits_indices = torch.zeros(L, dtype=torch.int64, device=dev)
+        self.lora_slots = torch.full((T,), -1, dtype=torch.int64, device=dev)  # read by steps with adapters only
         self.logits = None  # (L, V) float32, shared by every bucket's graph; made on first forward
         self._dirty_tokens = 0  # tokens [0, _dirty_tokens) may hold a real step's values
         self._dirty_seqs = 0    # sequence slots [0, _dirty_seqs) may be non-empty
         self._dirty_logits = 0
-        self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self._graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}  # (bucket, with adapters)
         self._pool = pool if pool is not None else (torch.cuda.graph_pool_handle() if self.use_cuda_graph else None)
         self.num_replays = 0
 
@@ -142,7 +143,7 @@ class PrefillGraphRunner:
 
     @property
     def captured_buckets(self) -> tuple[int, ...]:
-        return tuple(sorted(self._graphs))
+        return tuple(sorted({bucket for bucket, _ in self._graphs}))
 
     def can_run(self, num_tokens: int, num_seqs: int, max_context_len: int, table_width: int,
                 num_logits: int) -> bool:
@@ -155,10 +156,11 @@ class PrefillGraphRunner:
     # ------------------------------------------------------------------ running
     def run(self, input_ids: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor,
             query_lens: torch.Tensor, context_lens: torch.Tensor, block_tables: torch.Tensor,
-            logits_indices: torch.Tensor) -> torch.Tensor:
-        """One step of T tokens in B sequences (any mix of prefill chunks and decode tokens).
-        Returns logits (N, V) float32: a view of the graphs' static output, valid until the
-        next `run` of this runner."""
+            logits_indices: torch.Tensor, lora_slots: torch.Tensor | None = None) -> torch.Tensor:
+        """One step of T tokens in B sequences (any mix of prefill chunks and decode tokens);
+        `lora_slots` (T,): each token's LoRA slot (-1: none), for a step with adapters (its own
+        graphs). Returns logits (N, V) float32: a view of the graphs' static output, valid
+        until the next `run` of this runner."""
         T, B, N, W = input_ids.shape[0], query_lens.shape[0], logits_indices.shape[0], block_tables.shape[1]
         bucket = choose_bucket(T, self.buckets)
         graphed = bucket is not None
@@ -170,8 +172,9 @@ class PrefillGraphRunner:
                              f"fit this runner (max {max(self.buckets[-1], self.max_unpadded_tokens)} tokens, "
                              f"{self.max_num_seqs} sequences and logits, width {self.max_blocks_per_seq})")
         graphed = graphed and self.use_cuda_graph
-        if graphed and bucket not in self._graphs:
-            self._capture(bucket)
+        key = (bucket, lora_slots is not None)
+        if graphed and key not in self._graphs:
+            self._capture(*key)
         self._reset(T, B, N)
         self.input_ids[:T].copy_(input_ids, non_blocking=True)
         self.positions[:T].copy_(positions, non_blocking=True)
@@ -181,19 +184,23 @@ class PrefillGraphRunner:
         self.seq_lens[:, B].fill_(bucket - T)        # the padding sequence: its tokens are its context
         self.block_tables[:B, :W].copy_(block_tables, non_blocking=True)  # columns >= W are never read
         self.logits_indices[:N].copy_(logits_indices, non_blocking=True)
+        if lora_slots is not None:
+            self.lora_slots[:T].copy_(lora_slots, non_blocking=True)
         self._dirty_tokens, self._dirty_seqs, self._dirty_logits = T, B + 1, N
         if graphed:
-            self._graphs[bucket].replay()
+            self._graphs[key].replay()
         else:
-            self._forward(bucket)
+            self._forward(*key)
         self.num_replays += 1
         return self.logits[:N]
 
-    def capture(self, num_tokens: Sequence[int] | None = None) -> None:
+    def capture(self, num_tokens: Sequence[int] | None = None, lora: bool = False) -> None:
         """Capture graphs now (largest first, so smaller ones reuse its pool memory) instead
-        of on first use; `num_tokens` defaults to every bucket."""
+        of on first use; `num_tokens` defaults to every bucket; `lora`: the graphs of steps
+        with adapters."""
         if self.use_cuda_graph:
-            capture_buckets(self.buckets, self._graphs, self._capture, num_tokens)
+            captured = {bucket for bucket, with_lora in self._graphs if with_lora == lora}
+            capture_buckets(self.buckets, captured, lambda bucket: self._capture(bucket, lora), num_tokens)
 
     def _reset(self, num_tokens: int, num_seqs: int, num_logits: int) -> None:
         """What a larger earlier step left beyond this step's tokens, sequences and logits goes
@@ -202,6 +209,7 @@ class PrefillGraphRunner:
             self.input_ids[num_tokens:self._dirty_tokens].zero_()
             self.positions[num_tokens:self._dirty_tokens].zero_()
             self.slot_mapping[num_tokens:self._dirty_tokens].fill_(self.scratch_slot)
+            self.lora_slots[num_tokens:self._dirty_tokens].fill_(-1)
         if self._dirty_seqs > num_seqs:
             # Slot num_seqs becomes the padding sequence: its whole table must be scratch.
             self.seq_lens[:, num_seqs:self._dirty_seqs].zero_()
@@ -215,23 +223,24 @@ class PrefillGraphRunner:
             slot_mapping=self.slot_mapping[:bucket], max_query_len=bucket, max_context_len=self.max_context_len,
             cu_query_lens=self.cu_query_lens, is_decode=False)
 
-    def _forward(self, bucket: int) -> None:
+    def _forward(self, bucket: int, lora: bool) -> None:
         # Inside the graph: the split of tokens into sequences is data, not shape.
         S = self.seq_lens.shape[1]
         torch.cumsum(self.seq_lens[0], 0, dtype=torch.int32, out=self.cu_query_lens[1:S + 1])
         logits = self.forward(self.input_ids[:bucket], self.positions[:bucket], self.kv_cache,
-                              self._meta(bucket), self.logits_indices)                   # (L, V)
+                              self._meta(bucket), self.logits_indices,
+                              **({"lora_slots": self.lora_slots[:bucket]} if lora else {}))  # (L, V)
         if self.logits is None:
             self.logits = torch.empty_like(logits)  # outside any capture: the first forward is a warm-up
         self.logits.copy_(logits)
 
-    def _capture(self, bucket: int) -> None:
+    def _capture(self, bucket: int, lora: bool) -> None:
         # While warming up and capturing, every token belongs to the padding sequence (slot 0):
         # the eager warm-ups (Triton JIT, cuBLAS workspaces, torch.compile) write only to scratch.
         self._reset(0, 0, 0)
         self.seq_lens[:, 0].fill_(bucket)
         self._dirty_seqs = 1
-        self._graphs[bucket] = capture_graph(lambda: self._forward(bucket), self.device, self._pool)[0]
+        self._graphs[bucket, lora] = capture_graph(lambda: self._forward(bucket, lora), self.device, self._pool)[0]
 
 
 # ----------------------------------------------------------------------------- compiled prefill
@@ -260,14 +269,15 @@ def _(q, k, v, kv_cache, layer, slot_mapping, block_tables, query_lens, context_
 def llama_prefill_forward(model: nn.Module, input_ids: torch.Tensor, positions: torch.Tensor,
                           kv_cache: torch.Tensor, slot_mapping: torch.Tensor, block_tables: torch.Tensor,
                           query_lens: torch.Tensor, context_lens: torch.Tensor, cu_query_lens: torch.Tensor,
-                          logits_indices: torch.Tensor, max_context_len: int) -> torch.Tensor:
+                          logits_indices: torch.Tensor, max_context_len: int,
+                          lora_slots: torch.Tensor | None = None) -> torch.Tensor:
     """`cuda_graph.llama_traced_forward` for flattened tokens of any split, the attention behind
     `prefill_attention` (tests/runtime/test_prefill_graph.py checks parity with the model)."""
     def attend(i, q, k, v, attn):
         return prefill_attention(q, k, v, kv_cache, i, slot_mapping, block_tables, query_lens, context_lens,
                                  cu_query_lens, attn.scale, attn.sliding_window, max_context_len)
 
-    return llama_traced_forward(model, input_ids, positions, logits_indices, attend)
+    return llama_traced_forward(model, input_ids, positions, logits_indices, attend, lora_slots)
 
 
 def make_compiled_prefill_forward(model: nn.Module, *, backend: str = "inductor") -> DecodeForward:
@@ -282,23 +292,25 @@ def make_compiled_prefill_forward(model: nn.Module, *, backend: str = "inductor"
         raise ValueError(f"compiled prefill supports Llama-family models without dynamic rope, "
                          f"got {type(model).__name__}")
     def step(input_ids, positions, kv_cache, slot_mapping, block_tables, query_lens, context_lens,
-             cu_query_lens, logits_indices, max_context_len: int):
+             cu_query_lens, logits_indices, max_context_len: int, lora_slots):
         return llama_prefill_forward(model, input_ids, positions, kv_cache, slot_mapping, block_tables,
-                                     query_lens, context_lens, cu_query_lens, logits_indices, max_context_len)
+                                     query_lens, context_lens, cu_query_lens, logits_indices, max_context_len,
+                                     lora_slots)
 
     compiled_step = compile_per_model(model, "_runtime_lib_compiled_prefill", "prefill_step", step, backend)
 
     @torch.no_grad()
-    def forward(input_ids, positions, kv_cache, meta: AttentionMetadata, logits_indices):
+    def forward(input_ids, positions, kv_cache, meta: AttentionMetadata, logits_indices, lora_slots=None):
         torch._dynamo.mark_dynamic(kv_cache, 2)  # num_blocks: any pool
         if input_ids.shape[0] > 1:
-            for t in (input_ids, positions, meta.slot_mapping):
+            for t in (input_ids, positions, meta.slot_mapping) + (() if lora_slots is None else (lora_slots,)):
                 torch._dynamo.mark_dynamic(t, 0)
         cu = meta.cu_query_lens
         if cu is None:
             cu = torch.nn.functional.pad(torch.cumsum(meta.query_lens, 0, dtype=torch.int32), (1, 0))
         return compiled_step(input_ids, positions, kv_cache, meta.slot_mapping, meta.block_tables,
-                             meta.query_lens, meta.context_lens, cu, logits_indices, meta.max_context_len)
+                             meta.query_lens, meta.context_lens, cu, logits_indices, meta.max_context_len,
+                             lora_slots)
 
     return forward
 

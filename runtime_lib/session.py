@@ -36,6 +36,7 @@ from torch import nn
 from .config import ModelConfig
 from .layers.attention import AttentionMetadata
 from .layers.prompt_tuning import prompt_tuning_embeddings
+from .lora import LoraSlots, LoraSlotStep
 from .models import allocate_kv_cache, build_model, is_engine_dir, load_model
 from .prefill_graph import DEFAULT_MAX_PREFILL_GRAPH_TOKENS, PrefillGraphRunner
 
@@ -68,7 +69,8 @@ class SessionBackend(Protocol):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor,
                 meta: AttentionMetadata, logits_indices: torch.Tensor,
-                inputs_embeds: torch.Tensor | None = None, lora: Any = None) -> torch.Tensor: ...
+                inputs_embeds: torch.Tensor | None = None, lora: Any = None,
+                lora_slots: torch.Tensor | None = None) -> torch.Tensor: ...
 
     def state_dict(self) -> dict[str, torch.Tensor]: ...
 
@@ -83,8 +85,13 @@ class TorchBackend:
     @torch.no_grad()  # not inference_mode: callers edit the returned logits in place
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor,
                 meta: AttentionMetadata, logits_indices: torch.Tensor,
-                inputs_embeds: torch.Tensor | None = None, lora: Any = None) -> torch.Tensor:
+                inputs_embeds: torch.Tensor | None = None, lora: Any = None,
+                lora_slots: torch.Tensor | None = None) -> torch.Tensor:
+        """`lora`: a lora.LoraBatch; `lora_slots` (T,): each token's slot of the model's
+        lora.LoraSlots instead (what graph runners pass)."""
         kw: dict[str, Any] = {} if inputs_embeds is None else {"inputs_embeds": inputs_embeds}
+        if lora_slots is not None:
+            lora = LoraSlotStep(self.model.lora_slots, lora_slots)
         if lora is not None:
             kw["lora"] = lora
         hidden = self.model(input_ids, positions, kv_cache, meta, **kw)         # (T, H)
@@ -261,6 +268,21 @@ class Session:
         self._graph_runners[runner] = prefill
         return runner
 
+    def enable_lora_slots(self, max_loras: int, max_rank: int) -> LoraSlots:
+        """Give the model `max_loras` device-resident LoRA slots of rank <= `max_rank`
+        (lora.LoraSlots), so that steps with adapters replay CUDA graphs too; without them
+        (or when a step's adapters do not fit) such steps run eagerly."""
+        model = self.model
+        if model is None:
+            raise ValueError("this backend has no model to give LoRA slots")
+        model.lora_slots = LoraSlots(self._model_config, max_loras, max_rank, self.device,
+                                     model.get_input_embeddings().weight.dtype)
+        return model.lora_slots
+
+    @property
+    def lora_slots(self) -> LoraSlots | None:
+        return getattr(self.model, "lora_slots", None)
+
     def prefill_graph_runner(self, kv_cache: torch.Tensor):
         """The `PrefillGraphRunner` replaying prefill / mixed steps over `kv_cache`, or None."""
         for runner, prefill in list(self._graph_runners.items()):
@@ -320,8 +342,13 @@ class Session:
         with ctx:
             embeds = self._prompt_embeddings(inputs)
             lora = inputs.get("lora")
-            # Graphs take ids only, and a LoRA step's row grouping changes from step to step.
-            runner = self._graph_runner_for(inputs) if embeds is None and lora is None else None
+            # Graphs take ids only; a step with adapters replays them only through LoRA slots.
+            runner = self._graph_runner_for(inputs) if embeds is None else None
+            token_slots = None
+            if runner is not None and lora is not None:
+                slots = self.lora_slots
+                token_slots = slots.token_slots(lora) if slots is not None else None
+                runner = runner if token_slots is not None else None
             if runner is not None:
                 slot_mapping = inputs.get("slot_mapping")
                 if slot_mapping is None:
@@ -329,12 +356,14 @@ class Session:
                 if isinstance(runner, PrefillGraphRunner):
                     logits = runner.run(inputs["input_ids"], inputs["position_ids"], slot_mapping,
                                         inputs["query_lengths"], inputs["sequence_lengths"],
-                                        inputs["kv_cache_block_offsets"], inputs["logits_indices"])
+                                        inputs["kv_cache_block_offsets"], inputs["logits_indices"],
+                                        lora_slots=token_slots)
                 else:
                     logits = runner.run(inputs["input_ids"], inputs["position_ids"], slot_mapping,
                                         inputs["sequence_lengths"].to(torch.int32),
                                         inputs["kv_cache_block_offsets"].to(torch.int32), inputs["logits_indices"],
-                                        max_context_len=int(inputs["host_max_sequence_length"]))
+                                        max_context_len=int(inputs["host_max_sequence_length"]),
+                                        lora_slots=token_slots)
             else:
                 meta = self._metadata(inputs)
                 logits = self._backend.forward(inputs["input_ids"], inputs["position_ids"], inputs["kv_cache"],

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 if TYPE_CHECKING:
-    from ..lora import LoraBatch
+    from ..lora import LoraUpdate
 
 
 def gelu_new(x: torch.Tensor) -> torch.Tensor:
@@ -50,7 +50,7 @@ class GatedMLP(nn.Module):
         self.act = get_activation(hidden_act)
         self.lora_prefix = lora_prefix
 
-    def forward(self, x: torch.Tensor, lora: LoraBatch | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, lora: LoraUpdate | None = None) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)                                 # (T, 2*I)
         if lora is not None:
             gate_up = lora.apply(f"{self.lora_prefix}.gate_up_proj", x, gate_up)

@@ -16,7 +16,7 @@ from ..layers.rotary import RotaryEmbedding
 from .weights import WeightSpec
 
 if TYPE_CHECKING:
-    from ..lora import LoraBatch
+    from ..lora import LoraUpdate
 
 
 class LlamaAttention(nn.Module):
@@ -41,7 +41,7 @@ class LlamaAttention(nn.Module):
         self.lora_prefix = f"layers.{layer_idx}.self_attn"   # LoRA adapters' name for these projections
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, kv_layer: torch.Tensor,
-                meta: AttentionMetadata, lora: LoraBatch | None = None) -> torch.Tensor:
+                meta: AttentionMetadata, lora: LoraUpdate | None = None) -> torch.Tensor:
         T = x.shape[0]
         qkv = self.qkv_proj(x)                                                  # (T, q + 2kv)
         if lora is not None:
@@ -70,7 +70,7 @@ class LlamaDecoderLayer(nn.Module):
                             lora_prefix=f"layers.{layer_idx}.mlp")
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, kv_layer: torch.Tensor,
-                meta: AttentionMetadata, lora: LoraBatch | None = None) -> torch.Tensor:
+                meta: AttentionMetadata, lora: LoraUpdate | None = None) -> torch.Tensor:
         x = x + self.self_attn(positions, self.input_layernorm(x), kv_layer, meta, lora)   # (T, H)
         return x + self.mlp(self.post_attention_layernorm(x), lora)                        # (T, H)
 
@@ -95,7 +95,7 @@ class LlamaForCausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor,
                 meta: AttentionMetadata, inputs_embeds: torch.Tensor | None = None,
-                lora: LoraBatch | None = None) -> torch.Tensor:
+                lora: LoraUpdate | None = None) -> torch.Tensor:
         """input_ids, positions: (T,) flattened over sequences; kv_cache: (L, 2, nb, bs, kvh, d).
         `inputs_embeds` (T, H): token embeddings to use instead of `embed_tokens(input_ids)`.
         `lora`: this step's LoRA adapters and the tokens each one serves (runtime_lib/lora.py)."""
