@@ -10,6 +10,8 @@ CONCURRENCY=${CONCURRENCY:-1,8,32}
 PROMPT_LEN=${PROMPT_LEN:-128}
 MAX_TOKENS=${MAX_TOKENS:-128}
 REQS=${REQS:-3}
+MODELS=${MODELS:-generation ensemble}
+ENSEMBLE_INSTANCES=${ENSEMBLE_INSTANCES:-}   # instances of the ensemble's stub process (default: its config's)
 OUT=${OUT:-$root/bench/results}
 carry=$root/.cache/gpu_carry
 work=${WORK:-${TMPDIR:-/tmp}/gpu_triton}
@@ -24,6 +26,8 @@ model=$work/model_$SHAPE
 # A clean copy of the model repository (no __pycache__ that Triton would take for a model).
 repo=$work/model_repository
 rm -rf "$repo"; cp -r "$root/model_repository" "$repo"; find "$repo" -name __pycache__ -prune -exec rm -rf {} +
+[ -z "$ENSEMBLE_INSTANCES" ] || sed -i "s/{ count: [0-9]* kind: KIND_CPU }/{ count: $ENSEMBLE_INSTANCES kind: KIND_CPU }/" \
+    "$repo/ensemble/config.pbtxt"
 
 export LLM_PYTHON_PATH="$work/py:$root"
 export LLM_MODEL_DIR=$model LLM_DEVICE=cuda LLM_DTYPE=${LLM_DTYPE:-bfloat16}
@@ -44,7 +48,7 @@ until curl -fs localhost:18000/v2/health/ready >/dev/null 2>&1; do
 done
 echo "server ready after $((SECONDS - t0)) s"
 export PYTHONPATH="$work/py:$root"
-for m in generation ensemble; do
+for m in $MODELS; do
     python3 "$root/bench/stream_load.py" --url localhost:18001 --model $m --concurrency "$CONCURRENCY" \
         --prompt-len "$PROMPT_LEN" --max-tokens "$MAX_TOKENS" --requests-per-stream "$REQS" \
         --vocab 128000 --text-mode ids --label "$SHAPE" --output "$OUT"

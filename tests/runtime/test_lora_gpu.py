@@ -19,7 +19,8 @@ def serve(ckpt, loras, device: str, **config) -> tuple[list[list[int]], object]:
     engine = LLMEngine(EngineConfig(model_dir=str(ckpt), device=device, dtype="float32", num_kv_blocks=64,
                                     max_num_seqs=4, lora_dir=str(loras), **config))
     try:
-        streams = [engine.add_request(f"r{i}", p, scfg, lora_uid=u) for i, (p, u) in enumerate(zip(PROMPTS, "a-b"))]
+        streams = [engine.add_request(f"r{i}", p, scfg, lora_uid=u)
+                   for i, (p, u) in enumerate(zip(PROMPTS, ("a", None, "b")))]
         return [[t for o in s for t in o.new_token_ids] for s in streams], engine
     finally:
         engine.shutdown()

@@ -108,6 +108,8 @@ class TritonPythonModel:
             quantization=params.str("quantization", "auto"),
             lora_dir=params.str("lora_dir") or None,
             max_lora_uploads=params.int("max_lora_uploads", 64, lo=0),
+            max_loras=params.int("max_loras", 4, lo=0),
+            max_lora_rank=params.int("max_lora_rank", 16, lo=1),
             enable_prefix_caching=params.bool("enable_kv_cache_reuse", True),
             max_queue_size=params.int("max_queue_size", 1024, lo=1),
             max_seq_len=params.int("max_seq_len", None, lo=2),
