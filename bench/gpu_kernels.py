@@ -676,18 +676,10 @@ def main() -> int:
         run_decode_bench(report, batches, contexts)
     if "prefill" in sections:
         run_prefill_bench(report, args.quick)
-    if "sweep" in sections:
-        run_sweep(report)
-    if "graphbound" in sections:
-        run_graph_bound_bench(report)
-    if "offline" in sections:
-        run_offline_shapes(report)
-    if "fp8" in sections:
-        run_fp8_shapes(report)
-    if "gemm" in sections:
-        run_fp8_gemm(report)
-    if "blas" in sections:
-        run_blas(report)
+    for name, run in (("sweep", run_sweep), ("graphbound", run_graph_bound_bench), ("offline", run_offline_shapes),
+                      ("fp8", run_fp8_shapes), ("gemm", run_fp8_gemm), ("blas", run_blas)):
+        if name in sections:
+            run(report)
 
     tag = "" if sections == {"checks", "decode", "prefill"} else "-" + "-".join(sorted(sections))
     stem = results_stem("gpu_kernels", report.device, report.date, tag)

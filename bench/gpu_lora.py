@@ -24,19 +24,16 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 import bench.gpu_e2e as e2e  # noqa: E402
-from runtime_lib.lora import LoraAdapter  # noqa: E402
+from runtime_lib.lora import SLOT_PARTS, LoraAdapter, module_shapes  # noqa: E402
 
 
 def random_adapter(mc, uid: str, rank: int, device, dtype: torch.dtype, seed: int) -> LoraAdapter:
     """An adapter on q, k, v, o, gate, up and down of every layer (A scaled to keep the update small)."""
     g = torch.Generator().manual_seed(seed)
-    q, kv = mc.num_heads * mc.head_size, mc.num_kv_heads * mc.head_size
-    H, inter = mc.hidden_size, mc.intermediate_size
-    shapes = {"self_attn.qkv_proj": (q + 2 * kv, H, 3), "self_attn.o_proj": (H, q, 1),
-              "mlp.gate_up_proj": (2 * inter, H, 2), "mlp.down_proj": (H, inter, 1)}
     weights = {}
     for layer in range(mc.num_layers):
-        for module, (n_out, n_in, parts) in shapes.items():
+        for module, (n_in, n_out) in module_shapes(mc).items():
+            parts = SLOT_PARTS[module]
             a = torch.randn(rank * parts, n_in, generator=g) * n_in ** -0.5
             b = torch.randn(n_out, rank * parts, generator=g) * 0.01
             weights[f"layers.{layer}.{module}"] = (a.to(device, dtype), b.to(device, dtype))

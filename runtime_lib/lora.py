@@ -53,14 +53,19 @@ def _geometry(config: ModelConfig) -> dict[str, tuple[str, int, int, int]]:
             "up_proj": ("mlp.gate_up_proj", inter, inter, H), "down_proj": ("mlp.down_proj", 0, H, inter)}
 
 
+def module_shapes(config: ModelConfig) -> dict[str, tuple[int, int]]:
+    """Each fused module adapters act on ("self_attn.qkv_proj", ...) -> (input size, output size)."""
+    H, inter = config.hidden_size, config.intermediate_size
+    q, kv = config.num_heads * config.head_size, config.num_kv_heads * config.head_size
+    return {"self_attn.qkv_proj": (H, q + 2 * kv), "self_attn.o_proj": (q, H), "mlp.gate_up_proj": (H, 2 * inter),
+            "mlp.down_proj": (inter, H)}
+
+
 def _fuse(config: ModelConfig, parts: list[tuple[int, str, torch.Tensor, torch.Tensor]], uid: str, where: str,
           device: str | torch.device, dtype: torch.dtype | None) -> LoraAdapter:
     """(layer, part, A (r, in), B (out, r) already scaled) per adapted part -> a LoraAdapter
     per fused module: A stacked, B block-diagonal (zeros where a part is not adapted)."""
-    geometry = _geometry(config)
-    totals = {"self_attn.qkv_proj": (config.num_heads + 2 * config.num_kv_heads) * config.head_size,
-              "self_attn.o_proj": config.hidden_size, "mlp.gate_up_proj": 2 * config.intermediate_size,
-              "mlp.down_proj": config.hidden_size}
+    geometry, shapes = _geometry(config), module_shapes(config)
     fused: dict[str, list[tuple[int, torch.Tensor, torch.Tensor]]] = {}
     seen: set[tuple[int, str]] = set()
     for layer, part, a, b in parts:
@@ -80,7 +85,7 @@ def _fuse(config: ModelConfig, parts: list[tuple[int, str, torch.Tensor, torch.T
     weights = {}
     for module, items in fused.items():
         a_all = torch.cat([a for _, a, _ in items])                                # (R, in)
-        b_all = torch.zeros(totals[module.split(".", 2)[2]], a_all.shape[0])      # (out, R), block-diagonal
+        b_all = torch.zeros(shapes[module.split(".", 2)[2]][1], a_all.shape[0])   # (out, R), block-diagonal
         col = 0
         for row0, a, b in items:
             b_all[row0:row0 + b.shape[0], col:col + a.shape[0]] = b
@@ -333,19 +338,16 @@ class LoraSlots:
             raise ValueError(f"max_loras and max_lora_rank must be >= 1, got {max_loras} and {max_rank}")
         _check_family(config)
         self.max_loras, self.max_rank = max_loras, max_rank
-        self.dtype = dtype = dtype or config.torch_dtype
-        q, kv = config.num_heads * config.head_size, config.num_kv_heads * config.head_size
-        H, inter = config.hidden_size, config.intermediate_size
-        io = {"self_attn.qkv_proj": (H, q + 2 * kv), "self_attn.o_proj": (q, H), "mlp.gate_up_proj": (H, 2 * inter),
-              "mlp.down_proj": (inter, H)}
+        self.device, self.dtype = torch.device(device), dtype or config.torch_dtype
+        io = module_shapes(config)
         self.width: dict[str, int] = {}
         self.weights: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         for layer in range(config.num_layers):
             for module, parts in SLOT_PARTS.items():
                 name, (n_in, n_out), W = f"layers.{layer}.{module}", io[module], parts * max_rank
                 self.width[name] = W
-                self.weights[name] = (torch.zeros(max_loras * W, n_in, device=device, dtype=dtype),
-                                      torch.zeros(n_out, max_loras * W, device=device, dtype=dtype))
+                self.weights[name] = (torch.zeros(max_loras * W, n_in, device=device, dtype=self.dtype),
+                                      torch.zeros(n_out, max_loras * W, device=device, dtype=self.dtype))
         # Column c of a module of width W belongs to slot c // W.
         self.column_slot = {W: torch.arange(max_loras * W, device=device) // W for W in set(self.width.values())}
         self._held: dict[int, tuple[int, LoraAdapter]] = {}  # id(adapter) -> (slot, adapter), LRU first
@@ -378,10 +380,9 @@ class LoraSlots:
         for adapter, n in zip(batch.row_adapters, batch.row_tokens):
             slots += [-1 if adapter is None else self._held[id(adapter)][0]] * n
         host = torch.tensor(slots, dtype=torch.int64)
-        device = self.column_slot[next(iter(self.column_slot))].device
-        if device.type == "cuda":
+        if self.device.type == "cuda":
             host = host.pin_memory()
-        return host.to(device, non_blocking=True)
+        return host.to(self.device, non_blocking=True)
 
     def _load(self, slot: int, adapter: LoraAdapter) -> None:
         for name, (a_all, b_all) in self.weights.items():
@@ -412,4 +413,5 @@ class LoraSlotStep:
 
 
 __all__ = ["LoraAdapter", "LoraBatch", "LoraManager", "LoraSlotStep", "LoraSlots", "LoraUpdate", "load_hf_lora",
-           "lora_from_trtllm", "peft_to_trtllm", "LORA_FAMILIES", "NO_ADAPTER", "SLOT_PARTS", "TRTLLM_MODULE_IDS"]
+           "lora_from_trtllm", "module_shapes", "peft_to_trtllm", "LORA_FAMILIES", "NO_ADAPTER", "SLOT_PARTS",
+           "TRTLLM_MODULE_IDS"]
